@@ -1,0 +1,228 @@
+"""HTTP routes. Thin: validate, enforce limits, hand items to the engine, shape the answer."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+from fastapi import FastAPI, HTTPException, Request, Response
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from r3_service.api.metrics import Metrics
+from r3_service.api.openrlhf import SampleError, to_raw_items
+from r3_service.api.schemas import (
+    Components,
+    ErrorResponse,
+    GetRewardRequest,
+    GetRewardResponse,
+    RewardRequest,
+    RewardResponse,
+)
+from r3_service.backends.r3 import Scored
+from r3_service.engine.engine import RawItem, RewardEngine, UnknownBackend
+from r3_service.settings import Settings
+from r3_service.store.records import query_key, read_records
+
+log = logging.getLogger("r3_service")
+
+ENDPOINTS = {"/reward", "/get_reward", "/healthz", "/readyz", "/metrics", "/v1/info"}
+ERRORS = {413: {"model": ErrorResponse, "description": "Over a configured limit"},
+          422: {"description": "Invalid input; the message names the field"}}
+
+
+class BodyLimit:
+    """413 for bodies over the limit, by Content-Length or while streaming, before parsing."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+            await JSONResponse({"detail": self._message()}, status_code=413)(scope, receive, send)
+            return
+        received = 0
+
+        async def limited() -> Message:
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > self.max_bytes:
+                raise HTTPException(413, self._message())  # FastAPI passes HTTPException through
+            return message
+
+        await self.app(scope, limited, send)
+
+    def _message(self) -> str:
+        return f"request body exceeds the limit of {self.max_bytes} bytes (R3_MAX_BODY_BYTES)"
+
+
+def check_limits(settings: Settings, count: int, texts: dict[str, str | None]) -> None:
+    """413 naming the limit: items per request, then characters per text."""
+    if count > settings.max_items:
+        raise HTTPException(413, f"{count} items exceed the limit of {settings.max_items} items "
+                                 "per request (R3_MAX_ITEMS)")
+    for field, text in texts.items():
+        if text is not None and len(text) > settings.max_text_chars:
+            raise HTTPException(413, f"{field} has {len(text)} characters, over the limit of "
+                                     f"{settings.max_text_chars} (R3_MAX_TEXT_CHARS)")
+
+
+def components(scored: Scored) -> Components:
+    return Components(
+        length_incentive=scored.length_incentive,
+        repetition_penalty=scored.repetition_penalty,
+        relevance=scored.relevance,
+        relevance_target=scored.relevance_target,
+        query_type=scored.query_type,
+        query_type_source=scored.query_type_source,  # type: ignore[arg-type]
+        reference_source=scored.reference_source,  # type: ignore[arg-type]
+    )
+
+
+def extra_logs(results: list[Scored], uses_relevance: bool) -> dict[str, list[float]]:
+    """Numeric per-sample logs, as OpenRLHF averages them into its training metrics."""
+    logs = {
+        "length_incentive": [r.length_incentive for r in results],
+        "repetition_penalty": [r.repetition_penalty for r in results],
+        "closed_branch": [float(r.relevance_target == "reference") for r in results],
+    }
+    if uses_relevance:
+        logs["relevance"] = [r.relevance or 0.0 for r in results]
+    return logs
+
+
+def preload(engine: RewardEngine, path: str) -> None:
+    records, errors = read_records(Path(path))
+    for error in errors:
+        log.warning("R3_QTYPES_FILE %s: %s", path, error)
+    engine.store.memory.put_many([(query_key(query), record) for query, record in records])
+    log.info("loaded %d query records from %s into the in-process store", len(records), path)
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or Settings()
+    metrics = Metrics()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        engine = await asyncio.to_thread(RewardEngine.from_settings, settings)
+        if settings.qtypes_file:
+            await asyncio.to_thread(preload, engine, settings.qtypes_file)
+        await engine.store.ping()
+        metrics.watch_store(engine.store.stats)
+        app.state.engine = engine
+        log.info("r3 ready: backend=%s model=%s store=%s", settings.backend, settings.model,
+                 engine.store.kind)
+        yield
+        await engine.close()
+
+    app = FastAPI(title="r3", version="0.1.0", lifespan=lifespan,
+                  description="R3 (Regularized Relevance Reward) scoring for RL fine-tuning of LLMs.")
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+
+    def engine_of(request: Request) -> RewardEngine:
+        engine = getattr(request.app.state, "engine", None)
+        if engine is None:
+            raise HTTPException(503, "the model is still loading")
+        return engine
+
+    @app.middleware("http")
+    async def observe(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
+        endpoint = request.url.path if request.url.path in ENDPOINTS else "other"
+        started = time.perf_counter()
+        response = await call_next(request)
+        metrics.latency.labels(endpoint).observe(time.perf_counter() - started)
+        metrics.requests.labels(endpoint, str(response.status_code)).inc()
+        return response
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, error: RequestValidationError) -> JSONResponse:
+        # FastAPI's default echoes the input back, which can be megabytes of user text.
+        detail = [{"loc": list(e["loc"]), "msg": e["msg"], "type": e["type"]} for e in error.errors()]
+        return JSONResponse({"detail": detail}, status_code=422)
+
+    @app.exception_handler(Exception)
+    async def crashed(request: Request, error: Exception) -> JSONResponse:
+        log.exception("unhandled error on %s", request.url.path)
+        return JSONResponse({"detail": "internal error"}, status_code=500)
+
+    async def score(request: Request, items: list[RawItem], backend: str | None,
+                    endpoint: str) -> tuple[str, list[Scored]]:
+        engine = engine_of(request)
+        try:
+            name = engine.preset(backend).name
+        except UnknownBackend as error:
+            raise HTTPException(422, str(error)) from None
+        results = await engine.score(items, name)
+        metrics.items.labels(endpoint, name).inc(len(items))
+        return name, results
+
+    @app.post("/reward", response_model=RewardResponse, responses=ERRORS)
+    async def reward(body: RewardRequest, request: Request) -> RewardResponse:
+        """Score (query, response) items with R3; rewards come back in item order."""
+        check_limits(settings, len(body.items), {
+            f"items[{i}].{field}": getattr(item, field)
+            for i, item in enumerate(body.items) for field in ("query", "response", "reference")
+        })
+        items = [RawItem(i.query, i.response, i.reference, i.query_type) for i in body.items]
+        name, results = await score(request, items, body.backend, "/reward")
+        return RewardResponse(
+            rewards=[r.reward for r in results], backend=name,
+            components=[components(r) for r in results] if body.return_components else None,
+        )
+
+    @app.post("/get_reward", response_model=GetRewardResponse, responses=ERRORS)
+    async def get_reward(body: GetRewardRequest, request: Request) -> GetRewardResponse:
+        """OpenRLHF remote reward model: `--remote_rm_url http://HOST:PORT/get_reward`."""
+        texts: dict[str, str | None] = {f"query[{i}]": q for i, q in enumerate(body.query)}
+        texts |= {f"prompts[{i}]": p for i, p in enumerate(body.prompts or [])}
+        texts |= {f"labels[{i}]": label if isinstance(label, str) else label and label.reference
+                  for i, label in enumerate(body.labels or [])}
+        check_limits(settings, len(body.query), texts)
+        try:
+            items = to_raw_items(body)
+        except SampleError as error:
+            raise HTTPException(422, str(error)) from None
+        name, results = await score(request, items, body.backend, "/get_reward")
+        rewards = [r.reward for r in results]
+        uses_relevance = engine_of(request).preset(name).uses_relevance
+        return GetRewardResponse(rewards=rewards, scores=rewards,
+                                 extra_logs=extra_logs(results, uses_relevance))
+
+    @app.get("/healthz")
+    async def healthz() -> dict[str, str]:
+        """Liveness: the process answers."""
+        return {"status": "ok"}
+
+    @app.get("/readyz", responses={503: {"description": "Model not loaded yet"}})
+    async def readyz(request: Request) -> JSONResponse:
+        """Readiness: the model is loaded; also says which store is in use and its health."""
+        engine = getattr(request.app.state, "engine", None)
+        if engine is None:
+            return JSONResponse({"ready": False, "detail": "the model is still loading"}, 503)
+        return JSONResponse({"ready": True, "model": engine.model.info.model,
+                             "device": engine.model.info.device, "store": engine.store.status()})
+
+    @app.get("/metrics", response_class=Response)
+    async def prometheus() -> Response:
+        """Prometheus text format."""
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/info")
+    async def info(request: Request) -> dict[str, object]:
+        """The scoring settings in force."""
+        return engine_of(request).info()
+
+    return app

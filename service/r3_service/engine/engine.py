@@ -1,0 +1,152 @@
+"""The scoring engine: clean texts, resolve query types, embed each distinct text once, combine.
+
+The model is owned by one worker thread, so the event loop never blocks on a forward pass and
+the model is never used from two threads at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import torch
+
+from r3_service.backends.embedding import EmbeddingModel
+from r3_service.backends.r3 import PRESETS, Preset, ResolvedItem, RuleParams, Scored, score
+from r3_service.backends.templates import TEMPLATES, extract_query
+from r3_service.backends.text import GENERIC_STOP_STRINGS, clean_response
+from r3_service.querytypes import QueryType
+from r3_service.settings import Settings
+from r3_service.store.records import QueryRecord, clean_reference, query_key
+from r3_service.store.stores import MemoryStore, QueryStore
+
+
+@dataclass(frozen=True)
+class RawItem:
+    """One item as a caller sent it; `stop_strings` adds role prefixes of a detected template."""
+
+    query: str
+    response: str
+    reference: str | None = None
+    query_type: QueryType | None = None
+    stop_strings: tuple[str, ...] = field(default=())
+
+
+class UnknownBackend(ValueError):
+    def __init__(self, name: str) -> None:
+        super().__init__(f"unknown backend {name!r}; valid: {', '.join(PRESETS)}")
+
+
+class RewardEngine:
+    def __init__(self, settings: Settings, model: EmbeddingModel, store: QueryStore) -> None:
+        self.settings = settings
+        self.model = model
+        self.store = store
+        in_range = settings.relevance_in_range or ((0.0, 1.0) if model.normalize else (0.0, 3.5))
+        self.params = RuleParams(
+            relevance_in_range=in_range,
+            relevance_out_range=(0.0, settings.max_rollout_tokens / 100.0),
+            lppo_target_length=settings.lppo_target_length,
+        )
+        template = TEMPLATES[settings.chat_template].stop_strings if settings.chat_template else ()
+        self.stop_strings: tuple[str, ...] = GENERIC_STOP_STRINGS + template
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="r3-model")
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> RewardEngine:
+        model = EmbeddingModel(settings.model, normalize=settings.normalize, device=settings.device,
+                               batch_size=settings.batch_size)
+        store = QueryStore(MemoryStore(settings.memory_store_size), settings.redis_url,
+                           timeout_s=settings.redis_timeout_ms / 1000, retry_s=settings.redis_retry_s)
+        return cls(settings, model, store)
+
+    def preset(self, name: str | None) -> Preset:
+        name = name or self.settings.backend
+        if name not in PRESETS:
+            raise UnknownBackend(name)
+        return PRESETS[name]
+
+    async def score(self, items: Sequence[RawItem], backend: str | None = None) -> list[Scored]:
+        preset = self.preset(backend)
+        resolved = await self._resolve(items)
+        relevance = await self._relevance(preset, resolved)
+        return [score(preset, item, s, self.params) for item, s in zip(resolved, relevance, strict=True)]
+
+    def _clean(self, response: str, extra_stop_strings: tuple[str, ...]) -> str:
+        if not self.settings.stop_strings:
+            return response.strip()
+        return clean_response(response, self.stop_strings + extra_stop_strings)
+
+    async def _resolve(self, items: Sequence[RawItem]) -> list[ResolvedItem]:
+        """Query type and reference: the request's own → the store → the default (or none)."""
+        queries = [extract_query(item.query) for item in items]
+        keys = [query_key(query) if item.query_type is None or clean_reference(item.reference) is None
+                else None for item, query in zip(items, queries, strict=True)]
+        distinct = sorted({key for key in keys if key is not None})
+        found = dict(zip(distinct, await self.store.get_many(distinct), strict=True)) if distinct else {}
+        return [self._resolve_one(item, query, found.get(key) or QueryRecord())
+                for item, query, key in zip(items, queries, keys, strict=True)]
+
+    def _resolve_one(self, item: RawItem, query: str, stored: QueryRecord) -> ResolvedItem:
+        if item.query_type is not None:
+            query_type, type_source = item.query_type, "request"
+        elif stored.query_type is not None:
+            query_type, type_source = stored.query_type, "cache"
+        else:
+            query_type, type_source = self.settings.default_query_type, "default"
+        reference, reference_source = clean_reference(item.reference), "request"
+        if reference is None:
+            reference, reference_source = stored.reference, "cache"
+        return ResolvedItem(
+            query=query,
+            response=self._clean(item.response, item.stop_strings),
+            reference=reference,
+            query_type=query_type,
+            query_type_source=type_source,
+            reference_source=reference_source if reference is not None else None,
+        )
+
+    async def _relevance(self, preset: Preset, items: list[ResolvedItem]) -> list[float | None]:
+        """S for every item that needs one; each distinct text is embedded once."""
+        pairs = [preset.relevance_pair(item) for item in items]
+        texts: dict[str, int] = {}
+        for pair, item in zip(pairs, items, strict=True):
+            if pair is not None:
+                texts.setdefault(pair[1], len(texts))
+                texts.setdefault(item.response, len(texts))
+        if not texts:
+            return [None] * len(items)
+        loop = asyncio.get_running_loop()
+        embeddings = await loop.run_in_executor(self._executor, self.model.embed, list(texts))
+        wanted = [(texts[p[1]], texts[item.response]) for p, item in zip(pairs, items, strict=True)
+                  if p is not None]
+        left, right = (torch.tensor(side) for side in zip(*wanted, strict=True))
+        dots = iter((embeddings[left] * embeddings[right]).sum(dim=-1).tolist())
+        return [next(dots) if pair is not None else None for pair in pairs]
+
+    def info(self) -> dict[str, object]:
+        return {
+            "backend": self.settings.backend,
+            "backends": {name: preset.description for name, preset in PRESETS.items()},
+            "model": self.model.info.model,
+            "model_path": self.model.info.path,
+            "device": self.model.info.device,
+            "embedding_dim": self.model.info.dim,
+            "normalize": self.model.normalize,
+            "max_length": self.model.max_length,
+            "truncation": "left",
+            "relevance_in_range": list(self.params.relevance_in_range),
+            "relevance_out_range": list(self.params.relevance_out_range),
+            "max_rollout_tokens": self.settings.max_rollout_tokens,
+            "lppo_target_length": self.settings.lppo_target_length,
+            "stop_strings": list(self.stop_strings) if self.settings.stop_strings else [],
+            "chat_template": self.settings.chat_template,
+            "default_query_type": self.settings.default_query_type,
+            "store": self.store.kind,
+        }
+
+    async def close(self) -> None:
+        self._executor.shutdown(wait=True)
+        await self.store.close()

@@ -1,0 +1,186 @@
+"""Query-type/reference stores: in-process, Redis, and the fault-tolerant pair the service uses.
+
+A reward call must never fail because Redis is down or slow: lookups are bounded by a timeout,
+a failure switches the service to its in-process copy for `retry_s`, and Redis is tried again
+after that (redis-py reconnects by itself).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from urllib.parse import urlsplit, urlunsplit
+
+import redis.asyncio as aioredis
+from redis.backoff import NoBackoff
+from redis.exceptions import RedisError
+from redis.retry import Retry
+
+from r3_service.querytypes import parse_query_type
+from r3_service.store.records import QueryRecord
+
+log = logging.getLogger(__name__)
+
+
+def record_to_fields(query: str, record: QueryRecord) -> dict[str, str]:
+    fields = {"query": query}
+    if record.query_type is not None:
+        fields["query_type"] = record.query_type
+    if record.reference is not None:
+        fields["reference"] = record.reference
+    return fields
+
+
+def fields_to_record(query_type: str | None, reference: str | None) -> QueryRecord | None:
+    if query_type is None and reference is None:
+        return None
+    try:
+        parsed = parse_query_type(query_type) if query_type is not None else None
+    except ValueError:
+        parsed = None  # a foreign value in our key space: ignore it rather than fail scoring
+    return QueryRecord(parsed, reference)
+
+
+class MemoryStore:
+    """A bounded LRU map of key → record, living in the service process."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self._records: OrderedDict[str, QueryRecord] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._records)
+
+    def get_many(self, keys: Sequence[str]) -> list[QueryRecord | None]:
+        found = []
+        for key in keys:
+            record = self._records.get(key)
+            if record is not None:
+                self._records.move_to_end(key)
+            found.append(record)
+        return found
+
+    def put_many(self, items: Sequence[tuple[str, QueryRecord]]) -> None:
+        for key, record in items:
+            self._records[key] = record
+            self._records.move_to_end(key)
+        while len(self._records) > self.capacity:
+            self._records.popitem(last=False)
+
+
+def redact_url(url: str) -> str:
+    """The URL without its password, for logs and /readyz."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+def connect_redis(url: str, timeout_s: float) -> aioredis.Redis:
+    """A client that fails fast: bounded socket timeouts and no hidden retries."""
+    return aioredis.Redis.from_url(
+        url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
+        retry=Retry(NoBackoff(), 0), decode_responses=True, health_check_interval=30,
+    )
+
+
+@dataclass
+class StoreStats:
+    hits: int = 0
+    misses: int = 0
+    errors: int = 0  # failed Redis round trips
+    fallbacks: int = 0  # lookups answered in-process because Redis was unavailable
+
+
+class QueryStore:
+    """Redis when configured and healthy, else the in-process copy; never raises on lookup."""
+
+    def __init__(self, memory: MemoryStore, redis_url: str | None = None, *,
+                 timeout_s: float = 0.2, retry_s: float = 2.0) -> None:
+        self.memory = memory
+        self.redis_url = redis_url
+        self.timeout_s = timeout_s
+        self.retry_s = retry_s
+        self.stats = StoreStats()
+        self._redis = connect_redis(redis_url, timeout_s) if redis_url else None
+        self._down_until = 0.0
+        self._last_error: str | None = None
+
+    @property
+    def kind(self) -> str:
+        return "redis" if self._redis is not None else "memory"
+
+    def status(self) -> dict[str, object]:
+        status: dict[str, object] = {"kind": self.kind, "records_in_memory": len(self.memory)}
+        if self._redis is None:
+            status["status"] = "embedded"
+        else:
+            status["url"] = redact_url(self.redis_url or "")
+            status["status"] = "degraded" if self._last_error else "ok"
+            status["last_error"] = self._last_error
+        return status
+
+    async def get_many(self, keys: Sequence[str]) -> list[QueryRecord | None]:
+        found = await self._redis_get_many(keys) if self._redis_usable() else None
+        if found is None:
+            found = self.memory.get_many(keys)
+            self.stats.fallbacks += len(keys) if self._redis is not None else 0
+        hits = sum(record is not None for record in found)
+        self.stats.hits += hits
+        self.stats.misses += len(keys) - hits
+        return found
+
+    def _redis_usable(self) -> bool:
+        return self._redis is not None and time.monotonic() >= self._down_until
+
+    async def _redis_get_many(self, keys: Sequence[str]) -> list[QueryRecord | None] | None:
+        assert self._redis is not None
+        try:
+            async with asyncio.timeout(self.timeout_s * 2):
+                async with self._redis.pipeline(transaction=False) as pipe:
+                    for key in keys:
+                        pipe.hmget(key, "query_type", "reference")
+                    rows = await pipe.execute()
+        except (RedisError, OSError, TimeoutError) as error:
+            self._mark_down(error)
+            return None
+        self._mark_up()
+        found = [fields_to_record(*row) for row in rows]
+        self.memory.put_many([(k, r) for k, r in zip(keys, found, strict=True) if r is not None])
+        return found
+
+    def _mark_down(self, error: BaseException) -> None:
+        self.stats.errors += 1
+        self._down_until = time.monotonic() + self.retry_s
+        if self._last_error is None:  # log the transition once, not every failed lookup
+            log.warning("Redis store unavailable (%s: %s); using the in-process store and the "
+                        "default query type; retrying every %.1fs",
+                        type(error).__name__, error, self.retry_s)
+        self._last_error = f"{type(error).__name__}: {error}"
+
+    def _mark_up(self) -> None:
+        if self._last_error is not None:
+            log.warning("Redis store reachable again")
+            self._last_error = None
+
+    async def ping(self) -> bool:
+        """Check Redis now (used at start-up so /readyz tells the truth from the first call)."""
+        if self._redis is None:
+            return True
+        try:
+            async with asyncio.timeout(self.timeout_s * 2):
+                await self._redis.ping()
+        except (RedisError, OSError, TimeoutError) as error:
+            self._mark_down(error)
+            return False
+        self._mark_up()
+        return True
+
+    async def close(self) -> None:
+        if self._redis is not None:
+            await self._redis.aclose()
