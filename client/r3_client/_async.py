@@ -3,25 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any, Literal, TypeVar, overload
 
 import httpx
 
-from ._core import (
-    DEFAULT_BASE_URL,
-    ChunkResult,
-    ClientBase,
-    ClientOptions,
-    Done,
-    Flow,
-    ItemLike,
-    Outcome,
-    ScoredBatch,
-    Sleep,
-    Step,
-    advance,
-)
+from . import _core
+from ._core import ChunkResult, ClientBase, Done, Sleep, advance
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
@@ -38,11 +25,11 @@ class AsyncRewardClient(ClientBase[httpx.AsyncClient]):
 
     def __init__(
         self,
-        base_url: str = DEFAULT_BASE_URL,
+        base_url: str = _core.DEFAULT_BASE_URL,
         *,
         max_concurrency: int = 8,
         http_client: httpx.AsyncClient | None = None,
-        **options: Unpack[ClientOptions],
+        **options: Unpack[_core.ClientOptions],
     ) -> None:
         if max_concurrency < 1:
             raise ValueError("max_concurrency must be >= 1")
@@ -51,23 +38,20 @@ class AsyncRewardClient(ClientBase[httpx.AsyncClient]):
 
     @overload
     async def score(
-        self, items: Iterable[ItemLike], *, backend: str | None = None,
-        return_components: Literal[False] = False,
+        self, items: _core.Items, *, backend: str | None = None, return_components: Literal[False] = False
     ) -> list[float]: ...
     @overload
     async def score(
-        self, items: Iterable[ItemLike], *, backend: str | None = None,
-        return_components: Literal[True],
-    ) -> ScoredBatch: ...
+        self, items: _core.Items, *, backend: str | None = None, return_components: Literal[True]
+    ) -> _core.ScoredBatch: ...
     async def score(
-        self, items: Iterable[ItemLike], *, backend: str | None = None,
-        return_components: bool = False,
-    ) -> list[float] | ScoredBatch:
+        self, items: _core.Items, *, backend: str | None = None, return_components: bool = False
+    ) -> list[float] | _core.ScoredBatch:
         """Like `RewardClient.score`; chunk answers are reassembled in item order."""
         plan = self._score_plan(items, backend, return_components)
         limit = asyncio.Semaphore(self.max_concurrency)
 
-        async def bounded(flow: Flow[ChunkResult]) -> ChunkResult:
+        async def bounded(flow: _core.Flow[ChunkResult]) -> ChunkResult:
             async with limit:
                 return await self._run(flow)
 
@@ -103,19 +87,17 @@ class AsyncRewardClient(ClientBase[httpx.AsyncClient]):
     async def __aexit__(self, *exc_info: object) -> None:
         await self.close()
 
-    async def _run(self, flow: Flow[_T]) -> _T:
+    async def _run(self, flow: _core.Flow[_T]) -> _T:
         step = advance(flow, None)
         while not isinstance(step, Done):
             step = advance(flow, await self._perform(step))
         return step.value
 
-    async def _perform(self, step: Step) -> Outcome | None:
+    async def _perform(self, step: _core.Step) -> _core.Outcome | None:
         if isinstance(step, Sleep):
             await asyncio.sleep(step.seconds)
             return None
         try:
-            return await self._http.request(
-                step.method, step.url, headers=step.headers, content=step.content
-            )
+            return await self._http.request(step.method, step.url, headers=step.headers, content=step.content)
         except httpx.TransportError as exc:
             return exc

@@ -2,9 +2,9 @@
 
 Everything that does not touch the network lives here: item normalisation, chunking, request
 building, response parsing and the retry decision. A call is a generator ("flow") that yields
-`Request` (send it, then `.send()` back the response or the `httpx.TransportError` raised) or
-`Sleep` (wait, then `.send(None)`) and returns the parsed result via `StopIteration`. The two
-drivers in `_sync` / `_async` only run flows, so both share one behaviour.
+`Request` (send it, then send back the response or the `httpx.TransportError` raised) or
+`Sleep` (wait, then send back None) and returns the parsed result; `advance` steps it. The
+drivers in `_sync` / `_async` only perform the steps, so both clients share one behaviour.
 """
 
 from __future__ import annotations
@@ -14,9 +14,10 @@ import json
 import math
 import random
 import time
-from collections.abc import Generator, Iterable, Mapping, Sequence
+from collections.abc import Callable, Generator, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Generic, Literal, Protocol, TypeAlias, TypedDict, TypeVar, Union
+from functools import partial
+from typing import Any, Generic, Literal, Protocol, TypeAlias, TypedDict, TypeVar
 
 import httpx
 
@@ -52,7 +53,8 @@ class RewardItem:
     query_type: str | None = None
 
 
-ItemLike: TypeAlias = Union[RewardItem, Mapping[str, Any], Sequence[Any]]
+ItemLike: TypeAlias = RewardItem | Mapping[str, Any] | Sequence[Any]
+Items: TypeAlias = Iterable[ItemLike]
 
 
 @dataclass(frozen=True)
@@ -62,7 +64,7 @@ class Components:
     length_incentive: float
     repetition_penalty: float
     query_type: Literal["open", "closed"]
-    query_type_source: Literal["request", "cache", "classifier", "default"]
+    query_type_source: Literal["request", "cache", "classifier", "default", "random"]
     relevance: float | None = None
     relevance_target: Literal["query", "reference"] | None = None
     reference_source: Literal["request", "cache"] | None = None
@@ -107,9 +109,7 @@ class R3HTTPError(R3ClientError):
         self.url = url
         self.attempts = attempts
         where = f"{method} {url} " if method else ""
-        super().__init__(
-            f"r3 {where}failed with HTTP {status} after {_attempts(attempts)}: {detail}"
-        )
+        super().__init__(f"r3 {where}failed with HTTP {status} after {_attempts(attempts)}: {detail}")
 
 
 def _attempts(n: int) -> str:
@@ -147,8 +147,8 @@ class ResponseLike(Protocol):
     def content(self) -> bytes: ...
 
 
-Outcome: TypeAlias = Union[ResponseLike, httpx.TransportError]
-Step: TypeAlias = Union[Request, Sleep]
+Outcome: TypeAlias = ResponseLike | httpx.TransportError
+Step: TypeAlias = Request | Sleep
 Flow: TypeAlias = Generator[Step, Any, _T]
 
 
@@ -284,18 +284,14 @@ class ChunkResult:
     backend: str
 
 
-def parse_reward_response(
-    response: ResponseLike, expected: int, return_components: bool
-) -> ChunkResult:
+def parse_reward_response(response: ResponseLike, expected: int, return_components: bool) -> ChunkResult:
     """Validate a `/reward` answer; a wrong count would silently misalign rewards, so it raises."""
     body = _decode_json(response, "POST /reward")
     try:
         rewards = [float(r) for r in body["rewards"]]
         backend = str(body.get("backend", ""))
         raw_components = body.get("components") if return_components else None
-        components = (
-            None if raw_components is None else [Components.from_dict(c) for c in raw_components]
-        )
+        components = None if raw_components is None else [Components.from_dict(c) for c in raw_components]
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise R3ClientError(f"r3 POST /reward: malformed response: {exc!r}") from None
     if len(rewards) != expected:
@@ -418,20 +414,14 @@ class ClientBase(Generic[_H]):
             retry_after = parse_retry_after(outcome.headers.get("retry-after"))
             yield Sleep(policy.delay(attempt, retry_after))
 
-    def _score_plan(
-        self, items: Iterable[ItemLike], backend: str | None, return_components: bool
-    ) -> ScorePlan:
+    def _score_plan(self, items: Items, backend: str | None, return_components: bool) -> ScorePlan:
         normalised = [item_payload(to_item(item, i)) for i, item in enumerate(items)]
         flows = []
         for start in range(0, len(normalised), self.chunk_size):
             chunk = normalised[start : start + self.chunk_size]
             body = {"items": chunk, "backend": backend, "return_components": return_components}
-            flows.append(
-                self._call(
-                    self._request("POST", "/reward", body),
-                    lambda r, n=len(chunk): parse_reward_response(r, n, return_components),
-                )
-            )
+            parse = partial(parse_reward_response, expected=len(chunk), return_components=return_components)
+            flows.append(self._call(self._request("POST", "/reward", body), parse))
         return ScorePlan(flows, return_components, backend)
 
     def _info_flow(self) -> Flow[dict[str, Any]]:

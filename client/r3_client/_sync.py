@@ -3,24 +3,12 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any, Literal, TypeVar, overload
 
 import httpx
 
-from ._core import (
-    DEFAULT_BASE_URL,
-    ClientBase,
-    ClientOptions,
-    Done,
-    Flow,
-    ItemLike,
-    Outcome,
-    ScoredBatch,
-    Sleep,
-    Step,
-    advance,
-)
+from . import _core
+from ._core import ClientBase, Done, Sleep, advance
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
@@ -36,28 +24,25 @@ class RewardClient(ClientBase[httpx.Client]):
 
     def __init__(
         self,
-        base_url: str = DEFAULT_BASE_URL,
+        base_url: str = _core.DEFAULT_BASE_URL,
         *,
         http_client: httpx.Client | None = None,
-        **options: Unpack[ClientOptions],
+        **options: Unpack[_core.ClientOptions],
     ) -> None:
         super().__init__(base_url, http_client, lambda t: httpx.Client(timeout=t), **options)
 
     @overload
     def score(
-        self, items: Iterable[ItemLike], *, backend: str | None = None,
-        return_components: Literal[False] = False,
+        self, items: _core.Items, *, backend: str | None = None, return_components: Literal[False] = False
     ) -> list[float]: ...
     @overload
     def score(
-        self, items: Iterable[ItemLike], *, backend: str | None = None,
-        return_components: Literal[True],
-    ) -> ScoredBatch: ...
+        self, items: _core.Items, *, backend: str | None = None, return_components: Literal[True]
+    ) -> _core.ScoredBatch: ...
     def score(
-        self, items: Iterable[ItemLike], *, backend: str | None = None,
-        return_components: bool = False,
-    ) -> list[float] | ScoredBatch:
-        """Rewards in item order (or a `ScoredBatch`); no request at all for empty `items`."""
+        self, items: _core.Items, *, backend: str | None = None, return_components: bool = False
+    ) -> list[float] | _core.ScoredBatch:
+        """Rewards in item order (or a `_core.ScoredBatch`); no request at all for empty `items`."""
         plan = self._score_plan(items, backend, return_components)
         return plan.merge(self._run(flow) for flow in plan.flows)
 
@@ -80,19 +65,17 @@ class RewardClient(ClientBase[httpx.Client]):
     def __exit__(self, *exc_info: object) -> None:
         self.close()
 
-    def _run(self, flow: Flow[_T]) -> _T:
+    def _run(self, flow: _core.Flow[_T]) -> _T:
         step = advance(flow, None)
         while not isinstance(step, Done):
             step = advance(flow, self._perform(step))
         return step.value
 
-    def _perform(self, step: Step) -> Outcome | None:
+    def _perform(self, step: _core.Step) -> _core.Outcome | None:
         if isinstance(step, Sleep):
             time.sleep(step.seconds)
             return None
         try:
-            return self._http.request(
-                step.method, step.url, headers=step.headers, content=step.content
-            )
+            return self._http.request(step.method, step.url, headers=step.headers, content=step.content)
         except httpx.TransportError as exc:
             return exc

@@ -18,7 +18,9 @@ class Settings(BaseSettings):
     # Scoring
     backend: str = Field("r3", description="Default preset: r3, r3-no-branch, li-rp, li, relevance, ...")
     model: str = Field(DEFAULT_MODEL, description="Embedding model: the packaged MiniLM, a path or a hub id.")
-    normalize: bool | None = Field(None, description="Unit-normalise; None = as the model's own pipeline does.")
+    normalize: bool | None = Field(
+        None, description="Unit-normalise embeddings; None = as the model's own pipeline does."
+    )
     relevance_in_range: tuple[float, float] | None = Field(
         None, description="Closed-branch input range of S; None = [0, 1] normalised, else [0, 3.5]."
     )

@@ -64,8 +64,8 @@ TEMPLATES: dict[str, ChatTemplate] = {
         ),
         ChatTemplate(
             name="vicuna",
-            detect=re.compile(r"(?:^|\s)USER:.*ASSISTANT:", _S),
-            user_turn=re.compile(r"(?:^|\s)USER:(.*?)(?=ASSISTANT:|$)", _S),
+            detect=re.compile(r"(?<![^\s>])USER:.*ASSISTANT:", _S),
+            user_turn=re.compile(r"(?<![^\s>])USER:(.*?)(?=ASSISTANT:|$)", _S),
             assistant_marker="ASSISTANT:",
             stop_strings=("USER:", "ASSISTANT:", "</s>"),
         ),

@@ -1,0 +1,147 @@
+"""Real parts for the tests: redis-server processes and r3-serve (uvicorn) processes on 127.0.0.1."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+ROOT = Path(__file__).resolve().parent.parent
+DATA = ROOT / "data" / "alpacafarm_val.json"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_until(check, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if check():
+                return
+        except (OSError, httpx.HTTPError):
+            pass
+        time.sleep(0.1)
+    raise TimeoutError(f"{what} did not come up within {timeout}s")
+
+
+@dataclass
+class RedisServer:
+    port: int
+    directory: Path
+    process: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        binary = shutil.which("redis-server")
+        assert binary, "redis-server is not installed: run scripts/test.sh, which installs it"
+        self.process = subprocess.Popen(
+            [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "no", "--dir", str(self.directory)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+
+        def answers() -> bool:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as sock:
+                sock.sendall(b"PING\r\n")
+                return sock.recv(16).startswith(b"+PONG")
+
+        wait_until(answers, 15, "redis-server")
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.terminate()
+            self.process.wait(10)
+            self.process = None
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    server = RedisServer(free_port(), tmp_path_factory.mktemp("redis"))
+    server.start()
+    yield server
+    server.stop()
+
+
+@dataclass
+class ServiceProcess:
+    url: str
+    process: subprocess.Popen
+    log: Path
+
+    def stop(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(20)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+
+
+def start_service(tmp_dir: Path, **env: str) -> ServiceProcess:
+    """Run `r3-serve` as a user would, with R3_* settings from `env`."""
+    port = free_port()
+    log = tmp_dir / f"r3-serve-{port}.log"
+    environment = {k: v for k, v in os.environ.items() if not k.startswith("R3_")}
+    environment.update(env)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "r3_service.cli", "--host", "127.0.0.1", "--port", str(port)],
+        env=environment, stdout=log.open("w"), stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{port}"
+
+    def ready() -> bool:
+        if process.poll() is not None:
+            raise RuntimeError(f"r3-serve exited with {process.returncode}:\n{log.read_text()}")
+        return httpx.get(f"{url}/readyz", timeout=1).status_code == 200
+
+    try:
+        wait_until(ready, 120, "r3-serve")
+    except BaseException:
+        process.kill()
+        raise
+    return ServiceProcess(url, process, log)
+
+
+@pytest.fixture(scope="session")
+def service(redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceProcess]:
+    """The service as deployed: default model and scoring, Redis as its store."""
+    proc = start_service(tmp_path_factory.mktemp("service"), R3_REDIS_URL=redis_server.url)
+    yield proc
+    proc.stop()
+
+
+@pytest.fixture(scope="session")
+def server_url(service: ServiceProcess) -> str:
+    return service.url
+
+
+@pytest.fixture(scope="session")
+def dataset() -> list[dict]:
+    return json.loads(DATA.read_text())
+
+
+@pytest.fixture(scope="session")
+def embedding_model():
+    from r3_service.backends.embedding import EmbeddingModel
+    from r3_service.settings import DEFAULT_MODEL
+
+    return EmbeddingModel(DEFAULT_MODEL, device="cpu")
