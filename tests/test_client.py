@@ -22,6 +22,7 @@ from typing import Any
 
 import httpx
 import pytest
+from pytest import MonkeyPatch
 
 import r3_client._core
 from r3_client import (
@@ -33,8 +34,8 @@ from r3_client import (
     RewardClient,
     RewardItem,
     ScoredBatch,
+    adapters,
 )
-from r3_client import adapters
 from r3_client._core import parse_retry_after, to_item
 
 # --------------------------------------------------------------------------- scripted server
@@ -105,7 +106,7 @@ class ScriptedServer:
 
         self.httpd = Server(("127.0.0.1", port), Handler)
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread = threading.Thread(target=self.httpd.serve_forever, args=(0.05,), daemon=True)
         self.thread.start()
 
     def close(self) -> None:
@@ -172,10 +173,11 @@ def free_port() -> int:
 
 
 FAST = {"backoff": 0.01, "max_backoff": 0.05}
+Use = Callable[..., Any]
 
 
 @pytest.fixture(params=["sync", "async"])
-def use(request: pytest.FixtureRequest) -> Callable[..., Any]:
+def use(request: pytest.FixtureRequest) -> Use:
     """`use(url, method, *args, client=dict(options), **kwargs)`: one call through a fresh client,
     the sync `RewardClient` or the `AsyncRewardClient` (every test using this runs with both)."""
 
@@ -197,7 +199,7 @@ def use(request: pytest.FixtureRequest) -> Callable[..., Any]:
 # --------------------------------------------------------------------------- scoring
 
 
-def test_score_accepts_every_item_form_and_sends_the_contract(use: Callable[..., Any], server: ScriptedServer) -> None:
+def test_score_accepts_every_item_form_and_sends_the_contract(use: Use, server: ScriptedServer) -> None:
     items = [
         RewardItem("q1", "a", reference="ref", query_type="closed"),
         {"query": "q2", "response": "bb", "query_type": "oe", "extra column": 1},
@@ -219,7 +221,7 @@ def test_score_accepts_every_item_form_and_sends_the_contract(use: Callable[...,
     }
 
 
-def test_chunks_are_sent_in_pieces_and_reassembled_in_order(use: Callable[..., Any], server: ScriptedServer) -> None:
+def test_chunks_are_sent_in_pieces_and_reassembled_in_order(use: Use, server: ScriptedServer) -> None:
     # Later chunks answer first, so an async client that appended in completion order would fail.
     server.delay = lambda body: 0.2 - 0.02 * len(body["items"][0]["response"])
     items = [(f"q{i}", "x" * i) for i in range(7)]
@@ -228,13 +230,13 @@ def test_chunks_are_sent_in_pieces_and_reassembled_in_order(use: Callable[..., A
     assert sorted(sent) == [["", "x"], ["xx", "xxx"], ["xxxx", "xxxxx"], ["xxxxxx"]]
 
 
-def test_empty_items_make_no_request(use: Callable[..., Any], server: ScriptedServer) -> None:
+def test_empty_items_make_no_request(use: Use, server: ScriptedServer) -> None:
     assert use(server.url, "score", []) == []
     assert use(server.url, "score", [], return_components=True) == ScoredBatch([], [], "")
     assert server.requests == []
 
 
-def test_components_are_parsed(use: Callable[..., Any], server: ScriptedServer) -> None:
+def test_components_are_parsed(use: Use, server: ScriptedServer) -> None:
     items = [RewardItem("q", "four", reference="r", query_type="closed"), ("q", "xy")]
     batch = use(server.url, "score", items, return_components=True, client={"chunk_size": 1})
     assert isinstance(batch, ScoredBatch)
@@ -247,19 +249,19 @@ def test_components_are_parsed(use: Callable[..., Any], server: ScriptedServer) 
     assert all(seen.body["return_components"] is True for seen in server.requests)
 
 
-def test_api_key_is_sent_as_bearer_token(use: Callable[..., Any], server: ScriptedServer) -> None:
+def test_api_key_is_sent_as_bearer_token(use: Use, server: ScriptedServer) -> None:
     use(server.url, "score", [("q", "r")], client={"api_key": "s3cret"})
     assert server.requests[0].headers["Authorization"] == "Bearer s3cret"
 
 
-def test_invalid_items_fail_before_any_request(use: Callable[..., Any], server: ScriptedServer) -> None:
+def test_invalid_items_fail_before_any_request(use: Use, server: ScriptedServer) -> None:
     for bad in ([("q", 3)], [{"query": "q"}], ["just a string"], [("q", "r", 5)]):
         with pytest.raises(TypeError, match="item 0"):
             use(server.url, "score", bad)
     assert server.requests == []
 
 
-def test_wrong_reward_count_is_an_error_not_retried(use: Callable[..., Any], server: ScriptedServer) -> None:
+def test_wrong_reward_count_is_an_error_not_retried(use: Use, server: ScriptedServer) -> None:
     server.script.append(Reply(body={"rewards": [1.0], "backend": "echo"}))
     with pytest.raises(R3ClientError, match="sent 2 items, got 1 rewards"):
         use(server.url, "score", [("q", "a"), ("q", "b")])
@@ -269,7 +271,7 @@ def test_wrong_reward_count_is_an_error_not_retried(use: Callable[..., Any], ser
 # --------------------------------------------------------------------------- retries
 
 
-def test_retry_after_is_honoured(use: Callable[..., Any], server: ScriptedServer) -> None:
+def test_retry_after_is_honoured(use: Use, server: ScriptedServer) -> None:
     server.script.append(Reply(429, {"detail": "overloaded"}, {"Retry-After": "1"}))
     start = time.monotonic()
     assert use(server.url, "score", [("q", "abc")], client={"max_backoff": 5.0}) == [3.0]
@@ -277,7 +279,7 @@ def test_retry_after_is_honoured(use: Callable[..., Any], server: ScriptedServer
     assert len(server.requests) == 2
 
 
-def test_retry_after_is_capped_by_max_backoff(use: Callable[..., Any], server: ScriptedServer) -> None:
+def test_retry_after_is_capped_by_max_backoff(use: Use, server: ScriptedServer) -> None:
     server.script.append(Reply(429, {"detail": "overloaded"}, {"Retry-After": "120"}))
     start = time.monotonic()
     assert use(server.url, "score", [("q", "abc")], client={"max_backoff": 0.2}) == [3.0]
@@ -286,14 +288,14 @@ def test_retry_after_is_capped_by_max_backoff(use: Callable[..., Any], server: S
 
 
 @pytest.mark.parametrize("status", [429, 500, 502, 503, 504])
-def test_transient_statuses_are_retried(use: Callable[..., Any], server: ScriptedServer, status: int) -> None:
+def test_transient_statuses_are_retried(use: Use, server: ScriptedServer, status: int) -> None:
     server.script.extend([Reply(status, {"detail": "not now"}), Reply(status, raw=b"<html>oops</html>")])
     assert use(server.url, "score", [("q", "ab")]) == [2.0]
     assert len(server.requests) == 3
 
 
 @pytest.mark.parametrize("status", [400, 401, 404, 413, 422, 501])
-def test_other_errors_are_not_retried(use: Callable[..., Any], server: ScriptedServer, status: int) -> None:
+def test_other_errors_are_not_retried(use: Use, server: ScriptedServer, status: int) -> None:
     server.script.append(Reply(status, {"detail": f"nope {status}"}))
     with pytest.raises(R3HTTPError) as caught:
         use(server.url, "score", [("q", "ab")])
@@ -303,7 +305,7 @@ def test_other_errors_are_not_retried(use: Callable[..., Any], server: ScriptedS
     assert len(server.requests) == 1
 
 
-def test_gives_up_after_max_retries(use: Callable[..., Any], server: ScriptedServer) -> None:
+def test_gives_up_after_max_retries(use: Use, server: ScriptedServer) -> None:
     server.script.extend(Reply(503, raw=b"starting up") for _ in range(10))
     with pytest.raises(R3HTTPError) as caught:
         use(server.url, "score", [("q", "ab")], client={"max_retries": 2})
@@ -312,7 +314,7 @@ def test_gives_up_after_max_retries(use: Callable[..., Any], server: ScriptedSer
     assert len(server.requests) == 3
 
 
-def test_connection_refused_is_retried_then_raised(use: Callable[..., Any]) -> None:
+def test_connection_refused_is_retried_then_raised(use: Use) -> None:
     url = f"http://127.0.0.1:{free_port()}"
     with pytest.raises(R3ClientError) as caught:
         use(url, "score", [("q", "ab")], client={"max_retries": 2})
@@ -321,7 +323,7 @@ def test_connection_refused_is_retried_then_raised(use: Callable[..., Any]) -> N
     assert "after 3 attempts" in str(caught.value) and url in str(caught.value)
 
 
-def test_connection_refused_until_the_server_comes_up(use: Callable[..., Any]) -> None:
+def test_connection_refused_until_the_server_comes_up(use: Use) -> None:
     port = free_port()
     started: list[ScriptedServer] = []
     timer = threading.Timer(0.4, lambda: started.append(ScriptedServer(port)))
@@ -335,7 +337,7 @@ def test_connection_refused_until_the_server_comes_up(use: Callable[..., Any]) -
     assert len(started[0].requests) == 1
 
 
-def test_timeouts_are_retried(use: Callable[..., Any], server: ScriptedServer) -> None:
+def test_timeouts_are_retried(use: Use, server: ScriptedServer) -> None:
     server.script.append(Reply(delay=1.0))
     assert use(server.url, "score", [("q", "ab")], client={"timeout": 0.3}) == [2.0]
     assert len(server.requests) == 2
@@ -344,7 +346,7 @@ def test_timeouts_are_retried(use: Callable[..., Any], server: ScriptedServer) -
 # --------------------------------------------------------------------------- info / ready / pools
 
 
-def test_info_and_ready(use: Callable[..., Any], server: ScriptedServer) -> None:
+def test_info_and_ready(use: Use, server: ScriptedServer) -> None:
     assert use(server.url, "info") == {"backends": ["echo"], "default_backend": "echo"}
     assert use(server.url, "ready") is True
     server.script.append(Reply(503, {"detail": "loading"}))
@@ -473,8 +475,13 @@ def test_trl_items_take_columns_and_ignore_junk() -> None:
         RewardItem("p1", "c1", "sol-1", None),
         RewardItem("p2", "c2", "ref-2", None),
     ]
-    chosen = adapters.trl_items(["p"], ["c"], {"gold": ["g"], "reference": ["r"], "kind": ["open"]},
-                                reference_key="gold", query_type_key="kind")
+    chosen = adapters.trl_items(
+        ["p"],
+        ["c"],
+        {"gold": ["g"], "reference": ["r"], "kind": ["open"]},
+        reference_key="gold",
+        query_type_key="kind",
+    )
     assert chosen == [RewardItem("p", "c", "g", "open")]
     with pytest.raises(ValueError, match="2 prompts but 1 completions"):
         adapters.trl_items(["a", "b"], ["c"], {})
@@ -484,8 +491,11 @@ def test_trl_reward_func_scores_through_the_service(server: ScriptedServer) -> N
     reward_func = adapters.make_reward_func(server.url, **FAST)
     assert reward_func.__name__ == "r3"
     rewards = reward_func(
-        prompts=[CHAT_PROMPT, "plain"], completions=[CHAT_COMPLETION, "abc"],
-        ground_truth=["gt", None], trainer_state=object(), completion_ids=[[1], [2]],
+        prompts=[CHAT_PROMPT, "plain"],
+        completions=[CHAT_COMPLETION, "abc"],
+        ground_truth=["gt", None],
+        trainer_state=object(),
+        completion_ids=[[1], [2]],
     )
     assert rewards == [float(len("Blue\n\nis one.")), 3.0]
     assert server.requests[0].body["items"] == [
@@ -513,12 +523,15 @@ async def test_async_trl_reward_func(server: ScriptedServer) -> None:
 # --------------------------------------------------------------------------- verl adapter
 
 
-def test_verl_compute_score(server: ScriptedServer, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_verl_compute_score(server: ScriptedServer, monkeypatch: MonkeyPatch) -> None:
     monkeypatch.setenv("R3_URL", server.url)
     monkeypatch.setenv("R3_BACKEND", "r3-no-branch")
     score = adapters.compute_score(
-        "alpaca", "four!", {"reference": "4", "query_type": "closed"},
-        extra_info={"index": 3, "question": "What is 2+2?", "qtype": "open"}, extra_kwarg=1,
+        "alpaca",
+        "four!",
+        {"reference": "4", "query_type": "closed"},
+        extra_info={"index": 3, "question": "What is 2+2?", "qtype": "open"},
+        extra_kwarg=1,
     )
     assert score == 5.0
     assert server.requests[0].body == {
@@ -528,7 +541,7 @@ def test_verl_compute_score(server: ScriptedServer, monkeypatch: pytest.MonkeyPa
     }
 
 
-def test_verl_compute_score_batch(server: ScriptedServer, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_verl_compute_score_batch(server: ScriptedServer, monkeypatch: MonkeyPatch) -> None:
     monkeypatch.setenv("R3_URL", server.url)
     monkeypatch.delenv("R3_BACKEND", raising=False)
     scores = adapters.compute_score_batch(
@@ -546,7 +559,7 @@ def test_verl_compute_score_batch(server: ScriptedServer, monkeypatch: pytest.Mo
     assert server.requests[0].body["backend"] is None
 
 
-def test_verl_client_is_one_per_process_and_url(server: ScriptedServer, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_verl_client_is_one_per_process_and_url(server: ScriptedServer, monkeypatch: MonkeyPatch) -> None:
     monkeypatch.setenv("R3_URL", server.url)
     first, _ = adapters._verl_client()
     assert adapters._verl_client()[0] is first
@@ -601,7 +614,7 @@ def test_client_needs_no_heavy_dependencies() -> None:
     assert done.stdout.strip() == "ok"
 
 
-def test_rewards_are_floats(use: Callable[..., Any], server: ScriptedServer) -> None:
+def test_rewards_are_floats(use: Use, server: ScriptedServer) -> None:
     server.script.append(Reply(body={"rewards": [1, 2.5], "backend": "echo"}))
     rewards = use(server.url, "score", [("q", "a"), ("q", "b")])
     assert rewards == [1.0, 2.5] and all(isinstance(r, float) and math.isfinite(r) for r in rewards)

@@ -367,7 +367,7 @@ class ClientBase(Generic[_H]):
         if api_key:
             self._headers["Authorization"] = f"Bearer {api_key}"
         self._owns_http = http_client is None
-        self._http: _H = http_client or make_http_client(httpx.Timeout(timeout))
+        self._http: _H = make_http_client(httpx.Timeout(timeout)) if http_client is None else http_client
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.base_url!r})"
