@@ -4,6 +4,7 @@ and scoring that survives Redis going away."""
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
 import time
@@ -204,3 +205,36 @@ def test_in_process_store_preloaded_from_a_file(tmp_path: Path) -> None:
         assert (component["query_type_source"], component["reference_source"]) == ("cache", "cache")
     finally:
         proc.stop()
+
+
+def test_a_hung_redis_costs_a_bounded_wait_not_a_failure(tmp_path: Path) -> None:
+    """Redis frozen (SIGSTOP: connections stay open, nothing answers): lookups time out at
+    R3_REDIS_TIMEOUT_MS, scoring carries on with the default, and thawing restores the store."""
+    own_redis = RedisServer(free_port(), tmp_path)
+    own_redis.start()
+    proc = start_service(tmp_path, R3_REDIS_URL=own_redis.url, R3_REDIS_TIMEOUT_MS="100",
+                         R3_REDIS_RETRY_S="0.2")
+    assert own_redis.process is not None
+    try:
+        query = "Frozen-store test: how many legs does a spider have?"
+        redis.Redis.from_url(own_redis.url).hset(query_key(query), mapping={"query_type": "closed"})
+        fresh = "Frozen-store test: a query Redis never answered."
+        own_redis.process.send_signal(signal.SIGSTOP)
+        for _ in range(3):
+            got = post_reward(proc.url, [{"query": fresh, "response": "Eight."}], timeout=10)
+            assert got.status_code == 200
+            assert got.json()["components"][0]["query_type_source"] == "default"
+        assert httpx.get(f"{proc.url}/readyz", timeout=10).json()["store"]["status"] == "degraded"
+        own_redis.process.send_signal(signal.SIGCONT)
+
+        def recovered() -> bool:
+            time.sleep(0.3)
+            got = post_reward(proc.url, [{"query": query, "response": "Eight."}]).json()
+            return got["components"][0]["query_type_source"] == "cache"
+
+        wait_until(recovered, 20, "store recovery")
+    finally:
+        if own_redis.process is not None:
+            own_redis.process.send_signal(signal.SIGCONT)
+        proc.stop()
+        own_redis.stop()

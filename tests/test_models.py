@@ -1,0 +1,78 @@
+"""Models other than the packaged MiniLM: a local path without a sentence-transformers config
+(as Contriever ships) gets Contriever's defaults; settings parse from the environment."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from r3_service.backends.embedding import EmbeddingModel, resolve_model_path
+from r3_service.engine.engine import RewardEngine
+from r3_service.settings import DEFAULT_MODEL, Settings
+from r3_service.store.stores import MemoryStore, QueryStore
+
+
+@pytest.fixture(scope="module")
+def tiny_bert(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A randomly initialised BERT saved like a hub checkpoint (config, weights, tokenizer only)."""
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    path = tmp_path_factory.mktemp("tiny-bert")
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(DEFAULT_MODEL))
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2,
+                        num_attention_heads=2, intermediate_size=64, max_position_embeddings=512)
+    BertModel(config).save_pretrained(path)
+    tokenizer.model_max_length = 512
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def test_local_model_without_sentence_transformers_config(tiny_bert: Path) -> None:
+    model = EmbeddingModel(str(tiny_bert), device="cpu")
+    assert model.normalize is False and model.max_length == 512 and model.info.dim == 32
+    texts = ["a short text", "a somewhat longer text with more words in it"]
+    embeddings = model.embed(texts)
+    # Mean pooling over real tokens, computed here by hand one text at a time (no padding).
+    for text, embedding in zip(texts, embeddings, strict=True):
+        batch = model.tokenizer(text, return_tensors="pt")
+        with torch.inference_mode():
+            hidden = model.model(**batch).last_hidden_state[0]
+        assert torch.allclose(embedding, hidden.mean(dim=0), atol=1e-5)
+    assert not torch.allclose(embeddings.norm(dim=-1), torch.ones(2), atol=1e-3)  # not normalised
+
+
+def test_unnormalised_model_defaults_to_contriever_ranges(tiny_bert: Path) -> None:
+    settings = Settings(model=str(tiny_bert), device="cpu")
+    engine = RewardEngine.from_settings(settings)
+    info = engine.info()
+    assert info["normalize"] is False and info["relevance_in_range"] == [0.0, 3.5]
+    assert info["relevance_out_range"] == [0.0, 5.12] and info["max_length"] == 512
+
+
+def test_ranges_and_normalisation_are_configurable(tiny_bert: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("R3_MODEL", str(tiny_bert))
+    monkeypatch.setenv("R3_NORMALIZE", "true")
+    monkeypatch.setenv("R3_RELEVANCE_IN_RANGE", "[-1, 1]")
+    monkeypatch.setenv("R3_MAX_ROLLOUT_TOKENS", "768")
+    settings = Settings()
+    model = EmbeddingModel(settings.model, normalize=settings.normalize, device="cpu")
+    engine = RewardEngine(settings, model, QueryStore(MemoryStore(10)))
+    assert engine.info()["normalize"] is True
+    assert engine.info()["relevance_in_range"] == [-1.0, 1.0]
+    assert engine.info()["relevance_out_range"] == [0.0, 7.68]
+    assert torch.allclose(model.embed(["x y z"]).norm(dim=-1), torch.ones(1), atol=1e-5)
+
+
+@pytest.mark.parametrize("env,needle", [
+    ({"R3_RELEVANCE_IN_RANGE": "[1, 1]"}, "lo < hi"),
+    ({"R3_DEFAULT_QUERY_TYPE": "sometimes"}, "unknown query type"),
+    ({"R3_MAX_ITEMS": "0"}, "greater than 0"),
+])
+def test_invalid_settings_are_named(env: dict, needle: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    with pytest.raises(ValueError, match=needle):
+        Settings()
