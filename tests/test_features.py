@@ -146,7 +146,7 @@ def test_random_type_preset_is_a_fixed_coin_per_query() -> None:
     for query_type in ("open", "closed"):
         query = next(q for q, t in zip(queries, types, strict=True) if t == query_type)
         resolved = ResolvedItem(query, "a b c", "ref", "open", "request", "request")
-        result = score(preset, resolved, 1.75, PARAMS)
+        result = score(preset, preset.prepare(resolved), 1.75, PARAMS)
         assert result.query_type == query_type
         expected = 2.56 if query_type == "closed" else 0.03 * 1.75
         assert result.reward == pytest.approx(expected)

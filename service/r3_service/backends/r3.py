@@ -68,6 +68,8 @@ class Preset:
     combine: Callable[[ResolvedItem, Features, float | None, RuleParams], float]
     # Which text the response's relevance is measured against; None for a rule without relevance.
     target: Callable[[ResolvedItem], RelevanceTarget] | None = None
+    # Applied to each resolved item before anything else (r3-random-type re-draws the type).
+    prepare: Callable[[ResolvedItem], ResolvedItem] = lambda item: item
 
     @property
     def uses_relevance(self) -> bool:
@@ -126,8 +128,7 @@ PRESETS: dict[str, Preset] = {
                lambda item, f, s, p: f.length_incentive * f.repetition_penalty),
         Preset("li", "LI only", lambda item, f, s, p: f.length_incentive),
         Preset("r3-random-type", "full R3 with a random (hash-seeded) query type per item",
-               lambda item, f, s, p: _r3(_with_random_type(item), f, s, p),
-               lambda item: _branch_target(_with_random_type(item))),
+               _r3, _branch_target, prepare=_with_random_type),
         Preset("relevance", "S(x,y) only (hacked by copying the question)",
                lambda item, f, s, p: float(s or 0.0), lambda item: "query"),
         Preset("lppo", "1 - |len/T - 1| (Singhal et al.)",
@@ -137,16 +138,16 @@ PRESETS: dict[str, Preset] = {
 
 
 def score(preset: Preset, item: ResolvedItem, relevance: float | None, params: RuleParams) -> Scored:
+    """One item's reward and parts; `item` has been through `preset.prepare`."""
     f = features(item.response)
     pair = preset.relevance_pair(item)
-    resolved = _with_random_type(item) if preset.name == "r3-random-type" else item
     return Scored(
         reward=float(preset.combine(item, f, relevance, params)),
         length_incentive=f.length_incentive,
         repetition_penalty=f.repetition_penalty,
         relevance=relevance if pair is not None else None,
         relevance_target=pair[0] if pair is not None else None,
-        query_type=resolved.query_type,
-        query_type_source=resolved.query_type_source,
+        query_type=item.query_type,
+        query_type_source=item.query_type_source,
         reference_source=item.reference_source,
     )

@@ -70,7 +70,7 @@ class RewardEngine:
 
     async def score(self, items: Sequence[RawItem], backend: str | None = None) -> list[Scored]:
         preset = self.preset(backend)
-        resolved = await self._resolve(items)
+        resolved = [preset.prepare(item) for item in await self._resolve(items)]
         relevance = await self._relevance(preset, resolved)
         return [score(preset, item, s, self.params) for item, s in zip(resolved, relevance, strict=True)]
 
