@@ -30,7 +30,19 @@ class Settings(BaseSettings):
     chat_template: str | None = Field(None, description="Template whose role prefixes /reward stops at.")
     default_query_type: QueryType = "open"
     device: str = Field("auto", description="auto (CUDA when present), cpu, cuda, cuda:N.")
-    batch_size: int = Field(32, gt=0, description="Texts per forward pass.")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="auto: bf16 on GPU (fp16 without bf16), fp32 on CPU."
+    )
+
+    # Batching engine
+    max_batch_tokens: int | None = Field(None, gt=0, description="Padded tokens per forward; "
+                                         "None = 32768 on GPU, 8192 on CPU.")
+    max_batch_size: int | None = Field(None, gt=0, description="Sequences per forward; "
+                                       "None = 1024 on GPU, 256 on CPU.")
+    max_wait_ms: float = Field(2.0, ge=0, description="How long an idle model waits for a fuller batch.")
+    max_queue_items: int = Field(65_536, gt=0, description="Distinct texts queued; beyond it, 429.")
+    embedding_cache_size: int = Field(50_000, ge=0, description="Query/reference embeddings kept (LRU).")
+    tokenizer_threads: int = Field(2, gt=0, description="Threads tokenising ahead of the model.")
 
     # Store
     redis_url: str | None = Field(None, description="Query-type/reference store; unset = in-process.")

@@ -5,9 +5,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import TypeVar
 
 from fastapi import FastAPI, HTTPException, Request, Response
 from fastapi.exceptions import RequestValidationError
@@ -15,7 +16,6 @@ from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from r3_service.api.metrics import Metrics
 from r3_service.api.openrlhf import SampleError, to_raw_items
 from r3_service.api.schemas import (
     Components,
@@ -27,14 +27,62 @@ from r3_service.api.schemas import (
 )
 from r3_service.backends.r3 import Scored
 from r3_service.engine.engine import RawItem, RewardEngine, UnknownBackend
+from r3_service.engine.scheduler import QueueFull
+from r3_service.metrics import Metrics
 from r3_service.settings import Settings
 from r3_service.store.records import query_key, read_records
 
 log = logging.getLogger("r3_service")
 
+T = TypeVar("T")
 ENDPOINTS = {"/reward", "/get_reward", "/healthz", "/readyz", "/metrics", "/v1/info"}
 ERRORS = {413: {"model": ErrorResponse, "description": "Over a configured limit"},
-          422: {"description": "Invalid input; the message names the field"}}
+          422: {"description": "Invalid input; the message names the field"},
+          429: {"model": ErrorResponse, "description": "Queue full; retry after `Retry-After` seconds"}}
+
+
+class Observe:
+    """Request count and latency per endpoint (pure ASGI, so disconnects still reach routes)."""
+
+    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        endpoint = scope["path"] if scope["path"] in ENDPOINTS else "other"
+        started = time.perf_counter()
+        status = 500
+
+        async def observed_send(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, observed_send)
+        finally:
+            self.metrics.latency.labels(endpoint).observe(time.perf_counter() - started)
+            self.metrics.requests.labels(endpoint, str(status)).inc()
+
+
+async def unless_disconnected(request: Request, work: Awaitable[T]) -> T:
+    """Run `work`, cancelling it if the client disconnects first (its queued texts are dropped)."""
+    task = asyncio.ensure_future(work)
+
+    async def watch() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+        task.cancel()
+
+    watcher = asyncio.ensure_future(watch())
+    try:
+        return await task
+    finally:
+        watcher.cancel()
 
 
 class BodyLimit:
@@ -117,11 +165,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        engine = await asyncio.to_thread(RewardEngine.from_settings, settings)
+        engine = await asyncio.to_thread(RewardEngine.from_settings, settings, metrics)
         if settings.qtypes_file:
             await asyncio.to_thread(preload, engine, settings.qtypes_file)
         await engine.store.ping()
-        metrics.watch_store(engine.store.stats)
+        engine.start()
         app.state.engine = engine
         log.info("r3 ready: backend=%s model=%s store=%s", settings.backend, settings.model,
                  engine.store.kind)
@@ -131,6 +179,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app = FastAPI(title="r3", version="0.1.0", lifespan=lifespan,
                   description="R3 (Regularized Relevance Reward) scoring for RL fine-tuning of LLMs.")
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(Observe, metrics=metrics)
 
     def engine_of(request: Request) -> RewardEngine:
         engine = getattr(request.app.state, "engine", None)
@@ -138,20 +187,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             raise HTTPException(503, "the model is still loading")
         return engine
 
-    @app.middleware("http")
-    async def observe(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
-        endpoint = request.url.path if request.url.path in ENDPOINTS else "other"
-        started = time.perf_counter()
-        response = await call_next(request)
-        metrics.latency.labels(endpoint).observe(time.perf_counter() - started)
-        metrics.requests.labels(endpoint, str(response.status_code)).inc()
-        return response
-
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, error: RequestValidationError) -> JSONResponse:
         # FastAPI's default echoes the input back, which can be megabytes of user text.
         detail = [{"loc": list(e["loc"]), "msg": e["msg"], "type": e["type"]} for e in error.errors()]
         return JSONResponse({"detail": detail}, status_code=422)
+
+    @app.exception_handler(QueueFull)
+    async def overloaded(request: Request, error: QueueFull) -> JSONResponse:
+        return JSONResponse({"detail": str(error)}, status_code=429,
+                            headers={"Retry-After": str(error.retry_after_s)})
 
     @app.exception_handler(Exception)
     async def crashed(request: Request, error: Exception) -> JSONResponse:
@@ -165,7 +210,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             name = engine.preset(backend).name
         except UnknownBackend as error:
             raise HTTPException(422, str(error)) from None
-        results = await engine.score(items, name)
+        results = await unless_disconnected(request, engine.score(items, name))
         metrics.items.labels(endpoint, name).inc(len(items))
         return name, results
 

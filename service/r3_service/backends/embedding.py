@@ -57,6 +57,15 @@ def pick_device(device: str) -> torch.device:
     return torch.device(device)
 
 
+def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """auto: bf16 on a GPU that has it, else fp16 on GPU; fp32 on CPU (bf16 is slow on most CPUs)."""
+    if dtype != "auto":
+        return getattr(torch, dtype)
+    if device.type != "cuda":
+        return torch.float32
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
 @dataclass(frozen=True)
 class EmbeddingInfo:
     model: str
@@ -65,49 +74,68 @@ class EmbeddingInfo:
     max_length: int
     dim: int
     device: str
+    dtype: str
 
 
 class EmbeddingModel:
-    """Owns one encoder. Not thread-safe: the engine calls it from a single worker thread."""
+    """Owns one encoder. `forward` is not thread-safe: one scheduler thread calls it;
+    `tokenize` may run on other threads (the Rust tokenizer releases the GIL)."""
 
     def __init__(self, model: str, *, normalize: bool | None = None, device: str = "auto",
-                 batch_size: int = 32) -> None:
+                 dtype: str = "auto", batch_size: int = 32) -> None:
         from transformers import AutoModel, AutoTokenizer
 
         path = resolve_model_path(model)
         st_max_length, st_normalises = sentence_transformers_settings(path)
         self.tokenizer = AutoTokenizer.from_pretrained(path)
         self.tokenizer.truncation_side = "left"  # keep the end of long texts, as the reference does
+        self.pad_id = self.tokenizer.pad_token_id or 0
         self.device = pick_device(device)
-        self.model = AutoModel.from_pretrained(path).to(self.device).eval()
+        self.dtype = pick_dtype(dtype, self.device)
+        self.model = AutoModel.from_pretrained(path).to(self.device, self.dtype).eval()
         self.normalize = st_normalises if normalize is None else normalize
         self.max_length = st_max_length or min(self.tokenizer.model_max_length, _HARD_MAX_LENGTH)
         self.batch_size = batch_size
         self.info = EmbeddingInfo(
             model=model, path=path, normalize=self.normalize, max_length=self.max_length,
             dim=int(self.model.config.hidden_size), device=str(self.device),
+            dtype=str(self.dtype).removeprefix("torch."),
         )
-        log.info("embedding model %s on %s (max_length=%d, normalize=%s)",
-                 model, self.device, self.max_length, self.normalize)
+        log.info("embedding model %s on %s, %s (max_length=%d, normalize=%s)",
+                 model, self.device, self.info.dtype, self.max_length, self.normalize)
+
+    def tokenize(self, texts: list[str]) -> list[list[int]]:
+        """Token ids with special tokens, cut on the left to the model's limit."""
+        encoded = self.tokenizer(texts, truncation=True, max_length=self.max_length,
+                                 return_attention_mask=False, return_token_type_ids=False)
+        return encoded["input_ids"]
+
+    @torch.inference_mode()
+    def forward(self, sequences: list[list[int]]) -> torch.Tensor:
+        """Mean-pooled embeddings (len, dim), float32 on the CPU, of one padded batch."""
+        length = max(len(sequence) for sequence in sequences)
+        ids = torch.full((len(sequences), length), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(sequences), length), dtype=torch.long)
+        for row, sequence in enumerate(sequences):
+            ids[row, : len(sequence)] = torch.tensor(sequence)
+            mask[row, : len(sequence)] = 1
+        if self.device.type == "cuda":
+            ids, mask = ids.pin_memory(), mask.pin_memory()
+        ids = ids.to(self.device, non_blocking=True)
+        mask = mask.to(self.device, non_blocking=True)
+        hidden = self.model(input_ids=ids, attention_mask=mask).last_hidden_state.float()
+        weights = mask.unsqueeze(-1).float()
+        pooled = (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1.0)
+        if self.normalize:
+            pooled = torch.nn.functional.normalize(pooled, dim=-1)
+        return pooled.cpu()
 
     def embed(self, texts: list[str]) -> torch.Tensor:
-        """Embeddings (len(texts), dim) on the CPU, float32; batches sorted by length."""
-        order = sorted(range(len(texts)), key=lambda i: len(texts[i]), reverse=True)
+        """Embeddings of `texts` in order, in length-sorted batches (for tools and tests)."""
+        sequences = self.tokenize(texts)
+        order = sorted(range(len(texts)), key=lambda i: len(sequences[i]), reverse=True)
         out = torch.empty(len(texts), self.info.dim, dtype=torch.float32)
         for start in range(0, len(order), self.batch_size):
             chunk = order[start : start + self.batch_size]
-            out[chunk] = self._embed_batch([texts[i] for i in chunk])
+            out[chunk] = self.forward([sequences[i] for i in chunk])
         return out
-
-    @torch.inference_mode()
-    def _embed_batch(self, texts: list[str]) -> torch.Tensor:
-        batch = self.tokenizer(
-            texts, padding=True, truncation=True, max_length=self.max_length,
-            return_tensors="pt", return_token_type_ids=False,
-        ).to(self.device)
-        hidden = self.model(**batch).last_hidden_state
-        mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-        pooled = (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)
-        if self.normalize:
-            pooled = torch.nn.functional.normalize(pooled, dim=-1)
-        return pooled.float().cpu()

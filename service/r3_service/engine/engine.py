@@ -6,9 +6,7 @@ the model is never used from two threads at once.
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
@@ -17,6 +15,8 @@ from r3_service.backends.embedding import EmbeddingModel
 from r3_service.backends.r3 import PRESETS, Preset, ResolvedItem, RuleParams, Scored, score
 from r3_service.backends.templates import TEMPLATES, extract_query
 from r3_service.backends.text import GENERIC_STOP_STRINGS, clean_response
+from r3_service.engine.scheduler import BatchLimits, EmbeddingScheduler
+from r3_service.metrics import Metrics
 from r3_service.querytypes import QueryType
 from r3_service.settings import Settings
 from r3_service.store.records import QueryRecord, clean_reference, query_key
@@ -39,11 +39,27 @@ class UnknownBackend(ValueError):
         super().__init__(f"unknown backend {name!r}; valid: {', '.join(PRESETS)}")
 
 
+def batch_limits(settings: Settings, model: EmbeddingModel) -> BatchLimits:
+    on_gpu = model.device.type == "cuda"
+    return BatchLimits(
+        max_tokens=settings.max_batch_tokens or (32768 if on_gpu else 8192),
+        max_size=settings.max_batch_size or (1024 if on_gpu else 256),
+        max_wait_s=settings.max_wait_ms / 1000,
+        max_queue=settings.max_queue_items,
+    )
+
+
 class RewardEngine:
-    def __init__(self, settings: Settings, model: EmbeddingModel, store: QueryStore) -> None:
+    def __init__(self, settings: Settings, model: EmbeddingModel, store: QueryStore,
+                 metrics: Metrics | None = None) -> None:
         self.settings = settings
         self.model = model
         self.store = store
+        self.metrics = metrics or Metrics()
+        self.metrics.watch_store(store.stats)
+        self.scheduler = EmbeddingScheduler(model, batch_limits(settings, model), self.metrics,
+                                            cache_size=settings.embedding_cache_size,
+                                            tokenizer_threads=settings.tokenizer_threads)
         in_range = settings.relevance_in_range or ((0.0, 1.0) if model.normalize else (0.0, 3.5))
         self.params = RuleParams(
             relevance_in_range=in_range,
@@ -52,15 +68,18 @@ class RewardEngine:
         )
         template = TEMPLATES[settings.chat_template].stop_strings if settings.chat_template else ()
         self.stop_strings: tuple[str, ...] = GENERIC_STOP_STRINGS + template
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="r3-model")
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> RewardEngine:
+    def from_settings(cls, settings: Settings, metrics: Metrics | None = None) -> RewardEngine:
         model = EmbeddingModel(settings.model, normalize=settings.normalize, device=settings.device,
-                               batch_size=settings.batch_size)
+                               dtype=settings.dtype)
         store = QueryStore(MemoryStore(settings.memory_store_size), settings.redis_url,
                            timeout_s=settings.redis_timeout_ms / 1000, retry_s=settings.redis_retry_s)
-        return cls(settings, model, store)
+        return cls(settings, model, store, metrics)
+
+    def start(self) -> None:
+        """Start the batching loop; call from the event loop that will serve requests."""
+        self.scheduler.start()
 
     def preset(self, name: str | None) -> Preset:
         name = name or self.settings.backend
@@ -109,17 +128,20 @@ class RewardEngine:
         )
 
     async def _relevance(self, preset: Preset, items: list[ResolvedItem]) -> list[float | None]:
-        """S for every item that needs one; each distinct text is embedded once."""
+        """S for every item that needs one; each distinct text is embedded once, and queries and
+        references (which recur across a group and across steps) may come from the cache."""
         pairs = [preset.relevance_pair(item) for item in items]
         texts: dict[str, int] = {}
+        cacheable: dict[str, bool] = {}
         for pair, item in zip(pairs, items, strict=True):
             if pair is not None:
                 texts.setdefault(pair[1], len(texts))
+                cacheable[pair[1]] = True
                 texts.setdefault(item.response, len(texts))
+                cacheable.setdefault(item.response, False)
         if not texts:
             return [None] * len(items)
-        loop = asyncio.get_running_loop()
-        embeddings = await loop.run_in_executor(self._executor, self.model.embed, list(texts))
+        embeddings = await self.scheduler.embed(list(texts), [cacheable[t] for t in texts])
         wanted = [(texts[p[1]], texts[item.response]) for p, item in zip(pairs, items, strict=True)
                   if p is not None]
         left, right = (torch.tensor(side) for side in zip(*wanted, strict=True))
@@ -133,6 +155,7 @@ class RewardEngine:
             "model": self.model.info.model,
             "model_path": self.model.info.path,
             "device": self.model.info.device,
+            "dtype": self.model.info.dtype,
             "embedding_dim": self.model.info.dim,
             "normalize": self.model.normalize,
             "max_length": self.model.max_length,
@@ -145,8 +168,13 @@ class RewardEngine:
             "chat_template": self.settings.chat_template,
             "default_query_type": self.settings.default_query_type,
             "store": self.store.kind,
+            "batching": {"max_batch_tokens": self.scheduler.limits.max_tokens,
+                         "max_batch_size": self.scheduler.limits.max_size,
+                         "max_wait_ms": self.settings.max_wait_ms,
+                         "max_queue_items": self.scheduler.limits.max_queue,
+                         "embedding_cache_size": self.settings.embedding_cache_size},
         }
 
     async def close(self) -> None:
-        self._executor.shutdown(wait=True)
+        await self.scheduler.close()
         await self.store.close()

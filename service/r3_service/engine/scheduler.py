@@ -1,0 +1,281 @@
+"""Cross-request dynamic batching: one scheduler owns the model and turns a trickle of small
+requests into full, length-sorted batches.
+
+Every request's texts go into one shared queue. A text already queued or computing by another
+request is attached to that entry, and query/reference embeddings are kept in an LRU cache, so
+a GRPO group's shared prompt or reference is embedded once. Tokenisation runs on a thread pool
+while the model thread runs the previous batch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from collections import OrderedDict
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import torch
+
+from r3_service.backends.embedding import EmbeddingModel
+from r3_service.metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+
+class QueueFull(Exception):
+    """The queue is at its bound; the caller should retry after `retry_after_s`."""
+
+    def __init__(self, queued: int, limit: int, retry_after_s: int) -> None:
+        super().__init__(f"the scoring queue is full ({queued} texts queued, limit {limit} "
+                         f"(R3_MAX_QUEUE_ITEMS)); retry after {retry_after_s}s")
+        self.retry_after_s = retry_after_s
+
+
+class EmbeddingCache:
+    """LRU of text → embedding, for texts that recur (queries and references)."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self._rows: OrderedDict[str, torch.Tensor] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def __contains__(self, text: str) -> bool:
+        return text in self._rows
+
+    def get(self, text: str) -> torch.Tensor | None:
+        row = self._rows.get(text)
+        if row is not None:
+            self._rows.move_to_end(text)
+        return row
+
+    def put(self, text: str, row: torch.Tensor) -> None:
+        if self.capacity <= 0:
+            return
+        self._rows[text] = row
+        self._rows.move_to_end(text)
+        if len(self._rows) > self.capacity:
+            self._rows.popitem(last=False)
+
+
+@dataclass(eq=False)
+class _Entry:
+    """One distinct text in flight, shared by every request waiting for it."""
+
+    text: str
+    future: asyncio.Future[torch.Tensor]
+    cacheable: bool
+    waiters: int = 1
+    ids: list[int] = field(default_factory=list)
+    ready_at: float = 0.0
+
+
+@dataclass(frozen=True)
+class BatchLimits:
+    max_tokens: int  # padded tokens per forward
+    max_size: int  # sequences per forward
+    max_wait_s: float  # how long an idle model waits for a fuller batch
+    max_queue: int  # distinct texts queued or computing
+
+
+class EmbeddingScheduler:
+    def __init__(self, model: EmbeddingModel, limits: BatchLimits, metrics: Metrics, *,
+                 cache_size: int, tokenizer_threads: int = 2) -> None:
+        self.model = model
+        self.limits = limits
+        self.metrics = metrics
+        self.cache = EmbeddingCache(cache_size)
+        self._pending: dict[str, _Entry] = {}  # queued, tokenising or computing
+        self._ready: list[_Entry] = []  # tokenised, waiting for a batch
+        self._wake = asyncio.Event()
+        self._model_thread = ThreadPoolExecutor(1, thread_name_prefix="r3-model")
+        self._tokenizers = ThreadPoolExecutor(tokenizer_threads, thread_name_prefix="r3-tokenize")
+        self._admissions: set[asyncio.Task[None]] = set()
+        self._task: asyncio.Task[None] | None = None
+        self._texts_per_s = 0.0  # moving average, for Retry-After
+
+    @property
+    def queued(self) -> int:
+        return len(self._pending)
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run(), name="r3-scheduler")
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        for entry in self._pending.values():
+            entry.future.cancel()
+        self._model_thread.shutdown(wait=True)
+        self._tokenizers.shutdown(wait=True)
+
+    async def embed(self, texts: Sequence[str], cacheable: Sequence[bool]) -> torch.Tensor:
+        """Embeddings of distinct `texts`, in order. Raises QueueFull at once when over the bound."""
+        out = torch.empty(len(texts), self.model.info.dim)
+        waiting: list[tuple[int, _Entry]] = []
+        fresh = [t for t, c in zip(texts, cacheable, strict=True)
+                 if t not in self._pending and not (c and t in self.cache)]
+        # An empty queue admits any request, so one larger than the bound is slow, not refused.
+        if fresh and self._pending and len(self._pending) + len(fresh) > self.limits.max_queue:
+            self.metrics.rejected.inc()
+            raise QueueFull(len(self._pending), self.limits.max_queue, self._retry_after(len(fresh)))
+        new: list[_Entry] = []
+        loop = asyncio.get_running_loop()
+        for index, (text, keep) in enumerate(zip(texts, cacheable, strict=True)):
+            row = self.cache.get(text) if keep else None
+            if row is not None:
+                self.metrics.cache.labels("hit").inc()
+                out[index] = row
+                continue
+            if keep:
+                self.metrics.cache.labels("miss").inc()
+            entry = self._pending.get(text)
+            if entry is None:
+                entry = self._pending[text] = _Entry(text, loop.create_future(), keep)
+                new.append(entry)
+            else:
+                self.metrics.dedup.inc()
+                entry.waiters += 1
+                entry.cacheable |= keep
+            waiting.append((index, entry))
+        if new:
+            self._admit(new)
+        self.metrics.queue_depth.set(len(self._pending))
+        try:
+            for index, entry in waiting:
+                out[index] = await asyncio.shield(entry.future)
+        except asyncio.CancelledError:  # the client went away: its queued work is dropped
+            for _, entry in waiting:
+                entry.waiters -= 1
+            self._wake.set()
+            raise
+        return out
+
+    def _admit(self, entries: list[_Entry]) -> None:
+        """Tokenise off the event loop in a task of its own, so a cancelled request cannot
+        strand entries other requests share."""
+        task = asyncio.get_running_loop().create_task(self._tokenize(entries))
+        self._admissions.add(task)
+        task.add_done_callback(self._admissions.discard)
+
+    async def _tokenize(self, entries: list[_Entry]) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            sequences = await loop.run_in_executor(self._tokenizers, self.model.tokenize,
+                                                   [e.text for e in entries])
+        except Exception as error:  # handed to every waiter instead
+            self._fail(entries, error)
+            return
+        now = time.monotonic()
+        for entry, ids in zip(entries, sequences, strict=True):
+            entry.ids, entry.ready_at = ids, now
+        self._ready.extend(entries)
+        self._wake.set()
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await self._wait_for_work()
+            batch = self._take_batch()
+            if not batch:
+                continue
+            self._observe_batch(batch)
+            started = time.perf_counter()
+            try:
+                rows = await loop.run_in_executor(self._model_thread, self._forward, [e.ids for e in batch])
+            except Exception as error:  # handed to the waiters; the loop goes on
+                log.exception("embedding batch of %d failed", len(batch))
+                self._fail(batch, error)
+                continue
+            elapsed = time.perf_counter() - started
+            self.metrics.compute_seconds.observe(elapsed)
+            self._texts_per_s = 0.8 * self._texts_per_s + 0.2 * len(batch) / max(elapsed, 1e-6)
+            for entry, row in zip(batch, rows, strict=True):
+                self._pending.pop(entry.text, None)
+                if entry.cacheable:
+                    self.cache.put(entry.text, row)
+                if not entry.future.done():
+                    entry.future.set_result(row)
+            self.metrics.queue_depth.set(len(self._pending))
+
+    async def _wait_for_work(self) -> None:
+        """Return when a full batch is ready, or the oldest ready text has waited max_wait."""
+        while True:
+            self._drop_abandoned()
+            if not self._ready:
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            if self._full_batch_ready():
+                return
+            remaining = min(e.ready_at for e in self._ready) + self.limits.max_wait_s - time.monotonic()
+            if remaining <= 0:
+                return
+            self._wake.clear()
+            try:
+                await asyncio.wait_for(self._wake.wait(), remaining)
+            except TimeoutError:
+                return
+
+    def _full_batch_ready(self) -> bool:
+        return (len(self._ready) >= self.limits.max_size
+                or sum(len(e.ids) for e in self._ready) >= self.limits.max_tokens)
+
+    def _take_batch(self) -> list[_Entry]:
+        """Longest first, as many as fit the padded-token budget: padding stays small."""
+        self._ready.sort(key=lambda e: len(e.ids), reverse=True)
+        padded_length = len(self._ready[0].ids) if self._ready else 0
+        size = max(1, min(len(self._ready), self.limits.max_size,
+                          self.limits.max_tokens // max(padded_length, 1)))
+        batch, self._ready = self._ready[:size], self._ready[size:]
+        return batch
+
+    def _drop_abandoned(self) -> None:
+        abandoned = [e for e in self._ready if e.waiters <= 0]
+        if not abandoned:
+            return
+        self._ready = [e for e in self._ready if e.waiters > 0]
+        for entry in abandoned:
+            self._pending.pop(entry.text, None)
+            entry.future.cancel()
+        self.metrics.dropped.inc(len(abandoned))
+        self.metrics.queue_depth.set(len(self._pending))
+
+    def _forward(self, sequences: list[list[int]]) -> torch.Tensor:
+        """Runs on the model thread. A CUDA out-of-memory error halves the batch and retries."""
+        try:
+            return self.model.forward(sequences)
+        except torch.cuda.OutOfMemoryError:
+            if len(sequences) == 1:
+                raise
+            self.metrics.oom_splits.inc()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            half = len(sequences) // 2
+            return torch.cat([self._forward(sequences[:half]), self._forward(sequences[half:])])
+
+    def _observe_batch(self, batch: list[_Entry]) -> None:
+        now = time.monotonic()
+        real = sum(len(e.ids) for e in batch)
+        self.metrics.batch_size.observe(len(batch))
+        self.metrics.real_tokens.observe(real)
+        self.metrics.padded_tokens.observe(len(batch[0].ids) * len(batch))
+        for entry in batch:
+            self.metrics.queue_wait_seconds.observe(now - entry.ready_at)
+
+    def _fail(self, entries: list[_Entry], error: BaseException) -> None:
+        for entry in entries:
+            self._pending.pop(entry.text, None)
+            if not entry.future.done():
+                entry.future.set_exception(error)
+                entry.future.exception()  # mark retrieved: waiters may all be gone
+
+    def _retry_after(self, extra: int) -> int:
+        rate = self._texts_per_s or 100.0
+        return max(1, math.ceil((len(self._pending) + extra) / rate))
