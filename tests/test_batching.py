@@ -92,6 +92,26 @@ async def test_batches_respect_the_token_budget_longest_first(embedding_model) -
     assert padded < 1.3 * real
 
 
+async def test_the_oldest_text_is_served_first_however_short(embedding_model) -> None:
+    """Length bucketing must not starve a short text behind a stream of long ones."""
+    model = RecordingModel(embedding_model, delay_s=0.05)
+    limits = BatchLimits(max_tokens=600, max_size=4, max_wait_s=0.0, max_queue=10_000)
+    scheduler = EmbeddingScheduler(model, limits, Metrics(), cache_size=0)
+    scheduler.start()
+    long_texts = [f"long text number {i} " + "word " * 100 for i in range(24)]
+    try:
+        first = asyncio.ensure_future(scheduler.embed(long_texts[:8], [False] * 8))
+        await asyncio.sleep(0.02)
+        short = asyncio.ensure_future(scheduler.embed(["short"], [False]))
+        await asyncio.sleep(0.02)
+        later = asyncio.ensure_future(scheduler.embed(long_texts[8:], [False] * 16))
+        await asyncio.gather(first, short, later)
+    finally:
+        await scheduler.close()
+    short_batch = next(i for i, lengths in enumerate(model.batches) if min(lengths) < 10)
+    assert sum(len(b) for b in model.batches[:short_batch]) <= 8  # only the earlier long texts
+
+
 async def test_shared_texts_are_embedded_once_across_requests(embedding_model) -> None:
     prompt = "Explain why the sky is blue in two sentences."
     responses = [f"Response {i}: Rayleigh scattering makes short wavelengths scatter." for i in range(8)]

@@ -36,7 +36,7 @@ class Settings(BaseSettings):
 
     # Batching engine
     max_batch_tokens: int | None = Field(None, gt=0, description="Padded tokens per forward; "
-                                         "None = 32768 on GPU, 8192 on CPU.")
+                                         "None = 32768 on GPU, 2048 on CPU.")
     max_batch_size: int | None = Field(None, gt=0, description="Sequences per forward; "
                                        "None = 1024 on GPU, 256 on CPU.")
     max_wait_ms: float = Field(2.0, ge=0, description="How long an idle model waits for a fuller batch.")

@@ -42,7 +42,7 @@ class UnknownBackend(ValueError):
 def batch_limits(settings: Settings, model: EmbeddingModel) -> BatchLimits:
     on_gpu = model.device.type == "cuda"
     return BatchLimits(
-        max_tokens=settings.max_batch_tokens or (32768 if on_gpu else 8192),
+        max_tokens=settings.max_batch_tokens or (32768 if on_gpu else 2048),
         max_size=settings.max_batch_size or (1024 if on_gpu else 256),
         max_wait_s=settings.max_wait_ms / 1000,
         max_queue=settings.max_queue_items,

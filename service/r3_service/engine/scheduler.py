@@ -26,6 +26,10 @@ from r3_service.metrics import Metrics
 log = logging.getLogger(__name__)
 
 
+# A text shorter than this fraction of its batch's longest waits for a batch of its own length.
+MIN_FILL = 0.6
+
+
 class QueueFull(Exception):
     """The queue is at its bound; the caller should retry after `retry_after_s`."""
 
@@ -228,12 +232,26 @@ class EmbeddingScheduler:
                 or sum(len(e.ids) for e in self._ready) >= self.limits.max_tokens)
 
     def _take_batch(self) -> list[_Entry]:
-        """Longest first, as many as fit the padded-token budget: padding stays small."""
-        self._ready.sort(key=lambda e: len(e.ids), reverse=True)
-        padded_length = len(self._ready[0].ids) if self._ready else 0
-        size = max(1, min(len(self._ready), self.limits.max_size,
-                          self.limits.max_tokens // max(padded_length, 1)))
-        batch, self._ready = self._ready[:size], self._ready[size:]
+        """The oldest ready text and those closest to it in length, within the padded-token
+        budget and no shorter than MIN_FILL of the longest: first come, first served, while
+        padding stays small (on the CPU padding is the main waste, on a GPU a launch is cheap)."""
+        if not self._ready:
+            return []
+        anchor = min(self._ready, key=lambda e: e.ready_at)
+        length = len(anchor.ids)
+        by_closeness = sorted(self._ready, key=lambda e: (abs(math.log(len(e.ids) / length)), e.ready_at))
+        batch: list[_Entry] = []
+        longest, shortest = length, length
+        for entry in by_closeness:
+            size = len(entry.ids)
+            longest, shortest = max(longest, size), min(shortest, size)
+            if (len(batch) >= self.limits.max_size or (len(batch) + 1) * longest > self.limits.max_tokens
+                    or shortest < MIN_FILL * longest) and batch:
+                break
+            batch.append(entry)
+        chosen = set(map(id, batch))
+        self._ready = [e for e in self._ready if id(e) not in chosen]
+        batch.sort(key=lambda e: len(e.ids), reverse=True)
         return batch
 
     def _drop_abandoned(self) -> None:

@@ -1,0 +1,430 @@
+"""`r3-bench`: R3 scoring throughput and latency, four ways, on the same pairs in one run.
+
+1. reference-style scorer: 8 pairs per forward, target and response padded together, fp32,
+   unsorted, no dedup (how the paper's code scores);
+2. sentence-transformers `encode` in-process on the same pairs;
+3. the engine in-process (the batching scheduler, no HTTP);
+4. the service over HTTP (`r3-serve` in its own process): N concurrent clients sending requests
+   of k items, with GRPO-style groups (8 responses per prompt) and without.
+
+Pairs are real AlpacaFarm prompts, reference answers and query types; a closed query's pair is
+(reference, response), an open one's (query, response), exactly what R3 embeds. The embedding
+cache is off for (3) and (4) (the run cycles over the same pairs): only dedup of work in flight
+counts. Writes JSON and a PNG beside it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import httpx
+import torch
+
+from r3_service.backends.embedding import EmbeddingModel, resolve_model_path
+from r3_service.backends.templates import extract_query
+from r3_service.engine.engine import RawItem, RewardEngine
+from r3_service.settings import DEFAULT_MODEL, Settings
+from r3_service.store.records import read_records
+
+GROUP = 8
+DATA = Path(__file__).resolve().parents[2] / "data" / "alpacafarm_val.json"
+
+
+@dataclass(frozen=True)
+class Pair:
+    query: str
+    response: str
+    reference: str | None
+    query_type: str | None
+
+    @property
+    def target(self) -> str:
+        """The text R3 compares the response with."""
+        return self.reference if self.query_type == "closed" and self.reference else self.query
+
+    def item(self) -> dict[str, str | None]:
+        return {"query": self.query, "response": self.response, "reference": self.reference,
+                "query_type": self.query_type}
+
+
+def make_pairs(path: Path, count: int, grouped: bool) -> list[Pair]:
+    """`count` pairs; grouped: 8 responses (other rows' answers) per prompt, as GRPO samples."""
+    records, _ = read_records(path)
+    rows = [(extract_query(q), r) for q, r in records if r.reference]
+    pairs = []
+    for index in range(count):
+        query, record = rows[(index // GROUP if grouped else index) % len(rows)]
+        # Every pair's response is distinct: only the shared prompt/reference may dedup.
+        response = rows[(len(rows) // 2 + index) % len(rows)][1].reference or ""
+        pairs.append(Pair(query, response, record.reference, record.query_type))
+    return pairs
+
+
+@dataclass
+class Result:
+    method: str
+    grouped: bool
+    pairs_per_s: float
+    concurrency: int = 1
+    items: int = 0
+    latency_ms: dict[str, float] = field(default_factory=dict)
+    mean_batch: float | None = None
+    errors: int = 0
+
+
+def percentiles(samples: list[float]) -> dict[str, float]:
+    if not samples:
+        return {}
+    ordered = sorted(samples)
+
+    def at(q: float) -> float:
+        return ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000
+
+    return {"p50": at(0.50), "p95": at(0.95), "p99": at(0.99), "max": ordered[-1] * 1000}
+
+
+def timed(run: Callable[[], object], pairs: int) -> float:
+    run()  # warm-up
+    started = time.perf_counter()
+    run()
+    return pairs / (time.perf_counter() - started)
+
+
+def reference_style(model: EmbeddingModel, pairs: list[Pair]) -> Callable[[], list[float]]:
+    """8 pairs a forward, target and response padded together, fp32, in arrival order."""
+    tokenizer, encoder = model.tokenizer, model.model
+
+    @torch.inference_mode()
+    def run() -> list[float]:
+        scores = []
+        for start in range(0, len(pairs), 8):
+            chunk = pairs[start : start + 8]
+            batch = tokenizer([p.target for p in chunk] + [p.response for p in chunk], padding=True,
+                              truncation=True, max_length=model.max_length, return_tensors="pt")
+            batch = {k: v.to(model.device) for k, v in batch.items()}
+            hidden = encoder(**batch).last_hidden_state.float()
+            mask = batch["attention_mask"].unsqueeze(-1).float()
+            pooled = (hidden * mask).sum(1) / mask.sum(1)
+            scores += (pooled[: len(chunk)] * pooled[len(chunk) :]).sum(-1).tolist()
+        return scores
+
+    return run
+
+
+def sentence_transformers_style(model_path: str, device: str, pairs: list[Pair]) -> Callable[[], object]:
+    from sentence_transformers import SentenceTransformer
+
+    st = SentenceTransformer(model_path, device=device)
+    if device.startswith("cuda"):
+        st.half()
+
+    def run() -> object:
+        embeddings = st.encode([p.target for p in pairs] + [p.response for p in pairs],
+                               batch_size=32, convert_to_tensor=True)
+        return (embeddings[: len(pairs)] * embeddings[len(pairs) :]).sum(-1).tolist()
+
+    return run
+
+
+def engine_in_process(settings: Settings, pairs: list[Pair], items: int, concurrency: int) -> float:
+    async def main() -> float:
+        engine = await asyncio.to_thread(RewardEngine.from_settings, settings)
+        engine.start()
+        chunks = [[RawItem(p.query, p.response, p.reference, p.query_type)  # type: ignore[arg-type]
+                   for p in pairs[i : i + items]] for i in range(0, len(pairs), items)]
+        semaphore = asyncio.Semaphore(concurrency)
+
+        async def one(chunk: list[RawItem]) -> None:
+            async with semaphore:
+                await engine.score(chunk)
+
+        await asyncio.gather(*(one(c) for c in chunks[: max(1, len(chunks) // 4)]))  # warm-up
+        started = time.perf_counter()
+        await asyncio.gather(*(one(c) for c in chunks))
+        elapsed = time.perf_counter() - started
+        await engine.close()
+        return len(pairs) / elapsed
+
+    return asyncio.run(main())
+
+
+def scrape(url: str) -> dict[str, float]:
+    text = httpx.get(f"{url}/metrics", timeout=30).text
+    values: dict[str, float] = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            values[name] = float(value)
+    return values
+
+
+async def http_load(url: str, pairs: list[Pair], items: int, concurrency: int,
+                    duration: float) -> tuple[int, list[float], int]:
+    """Closed loop: `concurrency` clients, each sending the next `items` pairs as soon as its
+    previous request returns. Adjacent pairs (a GRPO group) are in flight together."""
+    cursor = 0
+    latencies: list[float] = []
+    errors = 0
+    done_pairs = 0
+    deadline = time.perf_counter() + duration
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits) as client:
+
+        async def worker() -> None:
+            nonlocal cursor, errors, done_pairs
+            while time.perf_counter() < deadline:
+                start, cursor = cursor, cursor + items
+                body = {"items": [pairs[(start + i) % len(pairs)].item() for i in range(items)]}
+                sent = time.perf_counter()
+                response = await client.post("/reward", json=body)
+                if response.status_code != 200:
+                    errors += 1
+                    continue
+                latencies.append(time.perf_counter() - sent)
+                done_pairs += items
+
+        started = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        elapsed = time.perf_counter() - started
+    return int(done_pairs / elapsed), latencies, errors
+
+
+async def open_loop(url: str, pairs: list[Pair], items: int, rate_per_s: float,
+                    duration: float) -> tuple[list[float], int]:
+    """Requests at a fixed arrival rate, whatever the latency (no coordinated omission)."""
+    latencies: list[float] = []
+    errors = 0
+    async with httpx.AsyncClient(base_url=url, timeout=120,
+                                 limits=httpx.Limits(max_connections=256)) as client:
+
+        async def one(index: int) -> None:
+            nonlocal errors
+            body = {"items": [pairs[(index * items + i) % len(pairs)].item() for i in range(items)]}
+            sent = time.perf_counter()
+            response = await client.post("/reward", json=body)
+            if response.status_code == 200:
+                latencies.append(time.perf_counter() - sent)
+            else:
+                errors += 1
+
+        tasks = []
+        started = time.perf_counter()
+        for index in range(int(rate_per_s * duration)):
+            await asyncio.sleep(max(0.0, started + index / rate_per_s - time.perf_counter()))
+            tasks.append(asyncio.ensure_future(one(index)))
+        await asyncio.gather(*tasks)
+    return latencies, errors
+
+
+def start_server(env: dict[str, str], port: int) -> subprocess.Popen:
+    process = subprocess.Popen(
+        [sys.executable, "-m", "r3_service.cli", "--port", str(port), "--log-level", "warning"],
+        env={**os.environ, **env}, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1).status_code == 200:
+                return process
+        except httpx.HTTPError:
+            time.sleep(0.2)
+    process.kill()
+    raise RuntimeError("r3-serve did not become ready")
+
+
+def random_bert_base(directory: Path) -> str:
+    """facebook/contriever's architecture (bert-base, 768-d) with random weights: speed only."""
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(DEFAULT_MODEL))
+    tokenizer.model_max_length = 512
+    BertModel(BertConfig(vocab_size=tokenizer.vocab_size)).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return str(directory)
+
+
+def full_batch_seconds(model: EmbeddingModel, settings: Settings, pairs: list[Pair]) -> float:
+    """Time of one forward at the token budget, on this text."""
+    from r3_service.engine.engine import batch_limits
+
+    limits = batch_limits(settings, model)
+    sequences = model.tokenize([p.response for p in pairs])
+    sequences.sort(key=len, reverse=True)
+    size = max(1, min(limits.max_size, limits.max_tokens // len(sequences[0])))
+    batch = (sequences * (size // len(sequences) + 1))[:size]
+    model.forward(batch)
+    started = time.perf_counter()
+    model.forward(batch)
+    return time.perf_counter() - started
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    if torch.cuda.is_available():
+        return f"{torch.cuda.get_device_name(0)} (+{os.cpu_count()} CPU cores)"
+    return f"CPU: {cpu}, {os.cpu_count()} cores, torch {torch.__version__}"
+
+
+def table(results: list[Result], reference: dict[bool, float], st: dict[bool, float]) -> str:
+    lines = [f"{'method':<22}{'groups':>7}{'conc':>6}{'items':>6}{'pairs/s':>10}{'x ref':>8}{'x ST':>8}"
+             f"{'p50 ms':>9}{'p95 ms':>9}{'p99 ms':>9}{'batch':>7}{'err':>5}"]
+    for r in results:
+        lat = r.latency_ms
+        lines.append(
+            f"{r.method:<22}{'8/grp' if r.grouped else 'none':>7}{r.concurrency:>6}{r.items or '-':>6}"
+            f"{r.pairs_per_s:>10.0f}{r.pairs_per_s / reference[r.grouped]:>8.2f}"
+            f"{r.pairs_per_s / st[r.grouped]:>8.2f}"
+            + "".join(f"{lat[k]:>9.1f}" if k in lat else f"{'-':>9}" for k in ("p50", "p95", "p99"))
+            + (f"{r.mean_batch:>7.1f}" if r.mean_batch else f"{'-':>7}") + f"{r.errors:>5}")
+    return "\n".join(lines)
+
+
+def plot(results: list[Result], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+    http = [r for r in results if r.method == "service-http"]
+    for grouped in (False, True):
+        for items in sorted({r.items for r in http}):
+            series = sorted((r for r in http if r.grouped == grouped and r.items == items),
+                            key=lambda r: r.concurrency)
+            if not series:
+                continue
+            label = f"{items} items/request{', GRPO groups' if grouped else ''}"
+            style = "-" if grouped else "--"
+            left.plot([r.concurrency for r in series], [r.pairs_per_s for r in series], style,
+                      marker="o", label=label)
+            right.plot([r.concurrency for r in series], [r.latency_ms.get("p99", 0) for r in series],
+                       style, marker="o", label=label)
+    for method, color in (("reference-style", "grey"), ("sentence-transformers", "black")):
+        for r in results:
+            if r.method == method:
+                left.axhline(r.pairs_per_s, color=color, linestyle=":" if r.grouped else "-.",
+                             linewidth=1, label=f"{method}{' (groups)' if r.grouped else ''}")
+    for axis, ylabel in ((left, "pairs/s"), (right, "p99 latency (ms)")):
+        axis.set_xscale("log", base=2)
+        axis.set_xlabel("concurrent clients")
+        axis.set_ylabel(ylabel)
+        axis.grid(alpha=0.3)
+    right.set_yscale("log")
+    left.legend(fontsize=7)
+    figure.suptitle(title, fontsize=10)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="r3-bench", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=DEFAULT_MODEL)
+    parser.add_argument("--random-bert-base", action="store_true",
+                        help="use a randomly initialised bert-base (Contriever's architecture)")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                        help="the engine's and service's dtype (the baselines stay as specified)")
+    parser.add_argument("--data", type=Path, default=DATA)
+    parser.add_argument("--pairs", type=int, default=512, help="pairs per in-process measurement")
+    parser.add_argument("--concurrency", default="1,8,64")
+    parser.add_argument("--items", default="1,8,64")
+    parser.add_argument("--duration", type=float, default=6.0, help="seconds per HTTP scenario")
+    parser.add_argument("--port", type=int, default=8765)
+    parser.add_argument("--skip-http", action="store_true")
+    parser.add_argument("--out", type=Path, default=Path("bench/results/latest"),
+                        help="writes OUT.json and OUT.png")
+    args = parser.parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    torch.set_num_threads(os.cpu_count() or 1)
+
+    with tempfile.TemporaryDirectory() as scratch:
+        model_name = random_bert_base(Path(scratch)) if args.random_bert_base else args.model
+        env = {"R3_MODEL": model_name, "R3_DEVICE": args.device, "R3_DTYPE": args.dtype,
+               "R3_EMBEDDING_CACHE_SIZE": "0", "R3_MAX_QUEUE_ITEMS": "1000000"}
+        settings = Settings(model=model_name, device=args.device, dtype=args.dtype,
+                            embedding_cache_size=0, max_queue_items=1_000_000)
+        model = EmbeddingModel(model_name, device=args.device, dtype="float32")
+        device = str(model.device)
+        results: list[Result] = []
+        reference: dict[bool, float] = {}
+        st: dict[bool, float] = {}
+        pair_sets = {grouped: make_pairs(args.data, args.pairs, grouped) for grouped in (False, True)}
+        for grouped, pairs in pair_sets.items():
+            reference[grouped] = timed(reference_style(model, pairs), len(pairs))
+            results.append(Result("reference-style", grouped, reference[grouped]))
+            path = model_name if args.random_bert_base else resolve_model_path(model_name)
+            st[grouped] = timed(sentence_transformers_style(path, device, pairs), len(pairs))
+            results.append(Result("sentence-transformers", grouped, st[grouped]))
+            rate = engine_in_process(settings, pairs, items=64, concurrency=16)
+            results.append(Result("engine-in-process", grouped, rate, concurrency=16, items=64))
+            print(f"in-process, groups={grouped}: ref {reference[grouped]:.0f}, ST {st[grouped]:.0f}, "
+                  f"engine {rate:.0f} pairs/s", flush=True)
+        engine_model = EmbeddingModel(model_name, device=args.device, dtype=args.dtype)
+        batch_s = full_batch_seconds(engine_model, settings, pair_sets[False])
+        engine_dtype = engine_model.info.dtype
+        del model, engine_model
+
+        half_load: dict[str, float] = {}
+        if not args.skip_http:
+            url = f"http://127.0.0.1:{args.port}"
+            server = start_server(env, args.port)
+            try:
+                peak64 = 0.0
+                for grouped, pairs in pair_sets.items():
+                    for items in [int(x) for x in args.items.split(",")]:
+                        for concurrency in [int(x) for x in args.concurrency.split(",")]:
+                            asyncio.run(http_load(url, pairs, items, concurrency, 1.0))  # warm-up
+                            before = scrape(url)
+                            rate, latencies, errors = asyncio.run(
+                                http_load(url, pairs, items, concurrency, args.duration))
+                            after = scrape(url)
+                            batches = after["r3_batch_size_count"] - before["r3_batch_size_count"]
+                            sizes = after["r3_batch_size_sum"] - before["r3_batch_size_sum"]
+                            result = Result("service-http", grouped, rate, concurrency, items,
+                                            percentiles(latencies), sizes / batches if batches else None,
+                                            errors)
+                            results.append(result)
+                            if items == 64 and not grouped:
+                                peak64 = max(peak64, rate)
+                            print(f"http groups={grouped} items={items} conc={concurrency}: {rate} pairs/s "
+                                  f"p99 {result.latency_ms.get('p99', 0):.0f} ms", flush=True)
+                if peak64:
+                    latencies, errors = asyncio.run(open_loop(url, pair_sets[False], 64,
+                                                              0.5 * peak64 / 64, args.duration * 2))
+                    half_load = {"rate_pairs_per_s": 0.5 * peak64, **percentiles(latencies),
+                                 "errors": errors, "full_batch_ms": batch_s * 1000}
+            finally:
+                server.terminate()
+                server.wait(30)
+
+    name = "bert-base (random)" if args.random_bert_base else model_name
+    title = f"r3-bench: {name}, engine {engine_dtype}, on {machine()}"
+    print("\n" + title)
+    print(table(results, reference, st))
+    if half_load:
+        print(f"\nhalf of peak (64-item requests, open loop at {half_load['rate_pairs_per_s']:.0f} pairs/s): "
+              f"p99 {half_load.get('p99', 0):.0f} ms vs one full batch {half_load['full_batch_ms']:.0f} ms")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    report = {"machine": machine(), "model": "bert-base (random)" if args.random_bert_base else model_name,
+              "device": device, "dtype": engine_dtype, "pairs": args.pairs, "duration_s": args.duration,
+              "results": [asdict(r) for r in results], "half_load": half_load,
+              "full_batch_ms": batch_s * 1000, "date": time.strftime("%Y-%m-%d")}
+    args.out.with_suffix(".json").write_text(json.dumps(report, indent=2))
+    plot(results, args.out.with_suffix(".png"), title)
+    print(f"\nwrote {args.out.with_suffix('.json')} and {args.out.with_suffix('.png')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
