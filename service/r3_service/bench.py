@@ -59,14 +59,20 @@ class Pair:
 
 
 def make_pairs(path: Path, count: int, grouped: bool) -> list[Pair]:
-    """`count` pairs; grouped: 8 responses (other rows' answers) per prompt, as GRPO samples."""
+    """`count` pairs; grouped: 8 responses (other rows' answers) per prompt, as GRPO samples.
+    Every response is distinct, and so is every prompt without groups (a " (variant k)" suffix
+    once the data runs out): only a group's shared prompt/reference may be deduplicated."""
     records, _ = read_records(path)
     rows = [(extract_query(q), r) for q, r in records if r.reference]
     pairs = []
     for index in range(count):
-        query, record = rows[(index // GROUP if grouped else index) % len(rows)]
-        # Every pair's response is distinct: only the shared prompt/reference may dedup.
+        prompt = index // GROUP if grouped else index
+        query, record = rows[prompt % len(rows)]
+        if prompt >= len(rows):
+            query += f" (variant {prompt // len(rows)})"
         response = rows[(len(rows) // 2 + index) % len(rows)][1].reference or ""
+        if index >= len(rows):
+            response += f" (variant {index // len(rows)})"
         pairs.append(Pair(query, response, record.reference, record.query_type))
     return pairs
 
@@ -289,6 +295,20 @@ def table(results: list[Result], reference: dict[bool, float], st: dict[bool, fl
     return "\n".join(lines)
 
 
+def markdown(results: list[Result], reference: dict[bool, float], st: dict[bool, float]) -> str:
+    """The same table as Markdown, for the README."""
+    rows = ["| method | GRPO groups | clients | items/request | pairs/s | × reference | × ST "
+            "| p50 ms | p99 ms | mean batch |", "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|"]
+    for r in results:
+        lat = r.latency_ms
+        rows.append(f"| {r.method} | {'yes' if r.grouped else 'no'} | {r.concurrency} | {r.items or '-'} "
+                    f"| {r.pairs_per_s:.0f} | {r.pairs_per_s / reference[r.grouped]:.2f} "
+                    f"| {r.pairs_per_s / st[r.grouped]:.2f} "
+                    f"| {lat.get('p50', 0):.0f} | {lat.get('p99', 0):.0f} "
+                    f"| {r.mean_batch or 0:.1f} |".replace("| 0 | 0 | 0.0 |", "| - | - | - |"))
+    return "\n".join(rows)
+
+
 def plot(results: list[Result], path: Path, title: str) -> None:
     import matplotlib
 
@@ -376,31 +396,36 @@ def main(argv: list[str] | None = None) -> int:
         del model, engine_model
 
         half_load: dict[str, float] = {}
+        concurrencies = [int(x) for x in args.concurrency.split(",")]
+        sizes = [int(x) for x in args.items.split(",")]
+        # Twice what can be in flight at once: a request never meets its own texts again.
+        http_pairs = {grouped: make_pairs(args.data, max(args.pairs, 2 * max(concurrencies) * max(sizes)),
+                                          grouped) for grouped in (False, True)}
         if not args.skip_http:
             url = f"http://127.0.0.1:{args.port}"
             server = start_server(env, args.port)
             try:
                 peak64 = 0.0
-                for grouped, pairs in pair_sets.items():
-                    for items in [int(x) for x in args.items.split(",")]:
-                        for concurrency in [int(x) for x in args.concurrency.split(",")]:
+                for grouped, pairs in http_pairs.items():
+                    for items in sizes:
+                        for concurrency in concurrencies:
                             asyncio.run(http_load(url, pairs, items, concurrency, 1.0))  # warm-up
                             before = scrape(url)
                             rate, latencies, errors = asyncio.run(
                                 http_load(url, pairs, items, concurrency, args.duration))
                             after = scrape(url)
                             batches = after["r3_batch_size_count"] - before["r3_batch_size_count"]
-                            sizes = after["r3_batch_size_sum"] - before["r3_batch_size_sum"]
+                            sequences = after["r3_batch_size_sum"] - before["r3_batch_size_sum"]
                             result = Result("service-http", grouped, rate, concurrency, items,
-                                            percentiles(latencies), sizes / batches if batches else None,
-                                            errors)
+                                            percentiles(latencies),
+                                            sequences / batches if batches else None, errors)
                             results.append(result)
                             if items == 64 and not grouped:
                                 peak64 = max(peak64, rate)
                             print(f"http groups={grouped} items={items} conc={concurrency}: {rate} pairs/s "
                                   f"p99 {result.latency_ms.get('p99', 0):.0f} ms", flush=True)
                 if peak64:
-                    latencies, errors = asyncio.run(open_loop(url, pair_sets[False], 64,
+                    latencies, errors = asyncio.run(open_loop(url, http_pairs[False], 64,
                                                               0.5 * peak64 / 64, args.duration * 2))
                     half_load = {"rate_pairs_per_s": 0.5 * peak64, **percentiles(latencies),
                                  "errors": errors, "full_batch_ms": batch_s * 1000}
@@ -422,7 +447,8 @@ def main(argv: list[str] | None = None) -> int:
               "full_batch_ms": batch_s * 1000, "date": time.strftime("%Y-%m-%d")}
     args.out.with_suffix(".json").write_text(json.dumps(report, indent=2))
     plot(results, args.out.with_suffix(".png"), title)
-    print(f"\nwrote {args.out.with_suffix('.json')} and {args.out.with_suffix('.png')}")
+    args.out.with_suffix(".md").write_text(f"{title}\n\n{markdown(results, reference, st)}\n")
+    print(f"\nwrote {args.out}.json, .png and .md")
     return 0
 
 
