@@ -5,7 +5,8 @@ from __future__ import annotations
 import asyncio
 import random
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import httpx
@@ -46,17 +47,22 @@ def texts_of_varied_length(count: int, seed: int = 0) -> list[str]:
             for i in range(count)]
 
 
-async def run_scheduler(model, limits: BatchLimits, requests: list[list[str]], *,
-                        cacheable: bool = False, cache_size: int = 0) -> tuple[list[torch.Tensor], Metrics]:
-    metrics = Metrics()
-    scheduler = EmbeddingScheduler(model, limits, metrics, cache_size=cache_size)
+@asynccontextmanager
+async def running(model, limits: BatchLimits, cache_size: int = 0) -> AsyncIterator[EmbeddingScheduler]:
+    scheduler = EmbeddingScheduler(model, limits, Metrics(), cache_size=cache_size)
     scheduler.start()
     try:
-        results = await asyncio.gather(*(scheduler.embed(texts, [cacheable] * len(texts))
-                                         for texts in requests))
+        yield scheduler
     finally:
         await scheduler.close()
-    return results, metrics
+
+
+async def run_scheduler(model, limits: BatchLimits, requests: list[list[str]], *,
+                        cacheable: bool = False, cache_size: int = 0) -> tuple[list[torch.Tensor], Metrics]:
+    async with running(model, limits, cache_size) as scheduler:
+        results = await asyncio.gather(*(scheduler.embed(texts, [cacheable] * len(texts))
+                                         for texts in requests))
+    return results, scheduler.metrics
 
 
 def counter(metrics: Metrics, name: str, **labels: str) -> float:
@@ -96,18 +102,14 @@ async def test_the_oldest_text_is_served_first_however_short(embedding_model) ->
     """Length bucketing must not starve a short text behind a stream of long ones."""
     model = RecordingModel(embedding_model, delay_s=0.05)
     limits = BatchLimits(max_tokens=600, max_size=4, max_wait_s=0.0, max_queue=10_000)
-    scheduler = EmbeddingScheduler(model, limits, Metrics(), cache_size=0)
-    scheduler.start()
     long_texts = [f"long text number {i} " + "word " * 100 for i in range(24)]
-    try:
+    async with running(model, limits) as scheduler:
         first = asyncio.ensure_future(scheduler.embed(long_texts[:8], [False] * 8))
         await asyncio.sleep(0.02)
         short = asyncio.ensure_future(scheduler.embed(["short"], [False]))
         await asyncio.sleep(0.02)
         later = asyncio.ensure_future(scheduler.embed(long_texts[8:], [False] * 16))
         await asyncio.gather(first, short, later)
-    finally:
-        await scheduler.close()
     short_batch = next(i for i, lengths in enumerate(model.batches) if min(lengths) < 10)
     assert sum(len(b) for b in model.batches[:short_batch]) <= 8  # only the earlier long texts
 
@@ -128,15 +130,11 @@ async def test_shared_texts_are_embedded_once_across_requests(embedding_model) -
 
 async def test_query_embeddings_come_from_the_cache_the_second_time(embedding_model) -> None:
     model = RecordingModel(embedding_model)
-    metrics = Metrics()
-    scheduler = EmbeddingScheduler(model, LIMITS, metrics, cache_size=100)
-    scheduler.start()
-    try:
+    async with running(model, LIMITS, cache_size=100) as scheduler:
         first = await scheduler.embed(["a cached query", "response one"], [True, False])
         second = await scheduler.embed(["a cached query", "response two"], [True, False])
         third = await scheduler.embed(["response one"], [False])  # responses are not cached
-    finally:
-        await scheduler.close()
+    metrics = scheduler.metrics
     assert torch.equal(first[0], second[0])
     assert sum(len(b) for b in model.batches) == 4
     assert counter(metrics, "r3_embedding_cache_total", result="hit") == 1
@@ -156,10 +154,7 @@ async def test_out_of_memory_splits_the_batch_and_no_request_fails(embedding_mod
 async def test_full_queue_refuses_at_once_and_recovers(embedding_model) -> None:
     model = RecordingModel(embedding_model, delay_s=0.2)
     limits = BatchLimits(max_tokens=600, max_size=4, max_wait_s=0.0, max_queue=10)
-    metrics = Metrics()
-    scheduler = EmbeddingScheduler(model, limits, metrics, cache_size=0)
-    scheduler.start()
-    try:
+    async with running(model, limits) as scheduler:
         big = asyncio.ensure_future(scheduler.embed(texts_of_varied_length(30), [False] * 30))
         await asyncio.sleep(0.05)  # admitted: the queue was empty
         with pytest.raises(QueueFull) as refused:
@@ -167,18 +162,13 @@ async def test_full_queue_refuses_at_once_and_recovers(embedding_model) -> None:
         assert refused.value.retry_after_s >= 1 and "R3_MAX_QUEUE_ITEMS" in str(refused.value)
         assert (await big).shape == (30, embedding_model.info.dim)
         assert (await scheduler.embed(["one more text"], [False])).shape[0] == 1  # recovered
-    finally:
-        await scheduler.close()
-    assert counter(metrics, "r3_queue_rejections_total") == 1
+    assert counter(scheduler.metrics, "r3_queue_rejections_total") == 1
 
 
 async def test_cancelled_request_drops_its_queued_work_but_not_shared_work(embedding_model) -> None:
     model = RecordingModel(embedding_model, delay_s=0.1)
     limits = BatchLimits(max_tokens=10_000, max_size=2, max_wait_s=0.0, max_queue=1000)
-    metrics = Metrics()
-    scheduler = EmbeddingScheduler(model, limits, metrics, cache_size=0)
-    scheduler.start()
-    try:
+    async with running(model, limits) as scheduler:
         texts = texts_of_varied_length(20, seed=3)
         doomed = asyncio.ensure_future(scheduler.embed(texts, [False] * 20))
         shared = asyncio.ensure_future(scheduler.embed([texts[-1]], [False]))  # shares one text
@@ -187,10 +177,8 @@ async def test_cancelled_request_drops_its_queued_work_but_not_shared_work(embed
         assert (await shared).shape[0] == 1  # the shared text was still computed
         await asyncio.sleep(0.3)
         assert scheduler.queued == 0
-    finally:
-        await scheduler.close()
     computed = sum(len(b) for b in model.batches)
-    assert computed < 20 and counter(metrics, "r3_dropped_texts_total") == 20 - computed
+    assert computed < 20 and counter(scheduler.metrics, "r3_dropped_texts_total") == 20 - computed
 
 
 @pytest.fixture(scope="module")
