@@ -4,6 +4,7 @@ reward function, and TRL's GRPOTrainer with the client's async reward function."
 from __future__ import annotations
 
 import importlib.util
+import json
 import sys
 from pathlib import Path
 
@@ -78,6 +79,39 @@ def test_verl_custom_reward_function(server_url: str, monkeypatch: pytest.Monkey
         {"query": extra["question"], "response": "Lyon.", "reference": "Paris."}]}).json()["rewards"]
     assert isinstance(score, float) and score == pytest.approx(direct[0], rel=1e-6)
     assert batch == pytest.approx(direct[1:], rel=1e-6)
+
+
+def test_trl_grpo_trainer_with_the_async_reward_function(server_url: str, tmp_path: Path,
+                                                         dataset: list[dict]) -> None:
+    """A real trl.GRPOTrainer (tiny random Llama, CPU, 2 steps) rewarded by the live service."""
+    from accelerate.state import AcceleratorState
+    from datasets import Dataset
+    from trl import GRPOConfig, GRPOTrainer
+
+    from r3_client.adapters import make_async_reward_func
+    from r3_trainer.config import config_from_dict
+    from r3_trainer.model import load_base_model, load_tokenizer
+
+    tiny = config_from_dict({"tiny_random_llama": {"hidden_size": 64, "num_layers": 2}, "seed": 0})
+    tokenizer = load_tokenizer(tiny)
+    model = load_base_model(tiny, tokenizer)
+    rows = [{"prompt": r["input"], "reference": r["output"], "qtype": r["qtype"]} for r in dataset[:8]]
+    reward_func = make_async_reward_func(server_url)
+    before = items_scored(server_url)
+    config = GRPOConfig(output_dir=str(tmp_path), per_device_train_batch_size=4, num_generations=4,
+                        max_completion_length=8, max_steps=2, logging_steps=1, report_to=[],
+                        use_cpu=True, bf16=False, save_strategy="no", learning_rate=1e-4, seed=0)
+    trainer = GRPOTrainer(model=model, reward_funcs=[reward_func], args=config,
+                          train_dataset=Dataset.from_list(rows), processing_class=tokenizer)
+    try:
+        trainer.train()
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)  # accelerate's state is per process
+    assert trainer.state.global_step == 2
+    logged = [entry for entry in trainer.state.log_history if "rewards/r3/mean" in entry]
+    assert len(logged) == 2 and all(isinstance(e["rewards/r3/mean"], float) for e in logged)
+    assert items_scored(server_url) - before >= 2 * 4  # every completion was scored by the service
+    json.dumps(trainer.state.log_history)  # the logged rewards are plain numbers
 
 
 def items_scored(url: str) -> float:
