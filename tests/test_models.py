@@ -66,6 +66,13 @@ def test_ranges_and_normalisation_are_configurable(tiny_bert: Path, monkeypatch:
     assert torch.allclose(model.embed(["x y z"]).norm(dim=-1), torch.ones(1), atol=1e-5)
 
 
+def test_compiled_encoder_gives_the_same_embeddings(embedding_model) -> None:
+    compiled = EmbeddingModel(DEFAULT_MODEL, device="cpu", compile=True)
+    assert compiled.info.compiled and not embedding_model.info.compiled
+    texts = ["short", "a somewhat longer text " * 5, "and a third one of another length " * 12]
+    assert torch.allclose(compiled.embed(texts), embedding_model.embed(texts), atol=1e-5)
+
+
 @pytest.mark.parametrize("env,needle", [
     ({"R3_RELEVANCE_IN_RANGE": "[1, 1]"}, "lo < hi"),
     ({"R3_DEFAULT_QUERY_TYPE": "sometimes"}, "unknown query type"),

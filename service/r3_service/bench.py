@@ -355,6 +355,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                         help="the engine's and service's dtype (the baselines stay as specified)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the engine's encoder")
     parser.add_argument("--data", type=Path, default=DATA)
     parser.add_argument("--pairs", type=int, default=512, help="pairs per in-process measurement")
     parser.add_argument("--concurrency", default="1,8,64")
@@ -371,8 +372,9 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as scratch:
         model_name = random_bert_base(Path(scratch)) if args.random_bert_base else args.model
         env = {"R3_MODEL": model_name, "R3_DEVICE": args.device, "R3_DTYPE": args.dtype,
+               "R3_COMPILE": str(args.compile).lower(),
                "R3_EMBEDDING_CACHE_SIZE": "0", "R3_MAX_QUEUE_ITEMS": "1000000"}
-        settings = Settings(model=model_name, device=args.device, dtype=args.dtype,
+        settings = Settings(model=model_name, device=args.device, dtype=args.dtype, compile=args.compile,
                             embedding_cache_size=0, max_queue_items=1_000_000)
         model = EmbeddingModel(model_name, device=args.device, dtype="float32")
         device = str(model.device)
@@ -434,7 +436,7 @@ def main(argv: list[str] | None = None) -> int:
                 server.wait(30)
 
     name = "bert-base (random)" if args.random_bert_base else model_name
-    title = f"r3-bench: {name}, engine {engine_dtype}, on {machine()}"
+    title = f"r3-bench: {name}, engine {engine_dtype}{' compiled' if args.compile else ''}, on {machine()}"
     print("\n" + title)
     print(table(results, reference, st))
     if half_load:
@@ -442,7 +444,8 @@ def main(argv: list[str] | None = None) -> int:
               f"p99 {half_load.get('p99', 0):.0f} ms vs one full batch {half_load['full_batch_ms']:.0f} ms")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     report = {"machine": machine(), "model": "bert-base (random)" if args.random_bert_base else model_name,
-              "device": device, "dtype": engine_dtype, "pairs": args.pairs, "duration_s": args.duration,
+              "device": device, "dtype": engine_dtype, "compiled": args.compile, "pairs": args.pairs,
+              "duration_s": args.duration,
               "results": [asdict(r) for r in results], "half_load": half_load,
               "full_batch_ms": batch_s * 1000, "date": time.strftime("%Y-%m-%d")}
     args.out.with_suffix(".json").write_text(json.dumps(report, indent=2))

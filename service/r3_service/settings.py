@@ -33,6 +33,8 @@ class Settings(BaseSettings):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="auto: bf16 on GPU (fp16 without bf16), fp32 on CPU."
     )
+    compile: bool = Field(False, description="torch.compile the encoder (dynamic shapes); compiled "
+                                             "and warmed up at start-up.")
 
     # Batching engine
     max_batch_tokens: int | None = Field(None, gt=0, description="Padded tokens per forward; "

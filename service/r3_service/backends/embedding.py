@@ -75,6 +75,7 @@ class EmbeddingInfo:
     dim: int
     device: str
     dtype: str
+    compiled: bool
 
 
 class EmbeddingModel:
@@ -82,7 +83,7 @@ class EmbeddingModel:
     `tokenize` may run on other threads (the Rust tokenizer releases the GIL)."""
 
     def __init__(self, model: str, *, normalize: bool | None = None, device: str = "auto",
-                 dtype: str = "auto", batch_size: int = 32) -> None:
+                 dtype: str = "auto", batch_size: int = 32, compile: bool = False) -> None:
         from transformers import AutoModel, AutoTokenizer
 
         path = resolve_model_path(model)
@@ -99,8 +100,12 @@ class EmbeddingModel:
         self.info = EmbeddingInfo(
             model=model, path=path, normalize=self.normalize, max_length=self.max_length,
             dim=int(self.model.config.hidden_size), device=str(self.device),
-            dtype=str(self.dtype).removeprefix("torch."),
+            dtype=str(self.dtype).removeprefix("torch."), compiled=compile,
         )
+        if compile:
+            # Dynamic shapes: one compilation serves every batch shape; pay it now, not on a request.
+            self.model = torch.compile(self.model, dynamic=True)
+            self.forward(self.tokenize(["warm-up text for the compiler", "a second, longer warm-up text"]))
         log.info("embedding model %s on %s, %s (max_length=%d, normalize=%s)",
                  model, self.device, self.info.dtype, self.max_length, self.normalize)
 

@@ -72,7 +72,7 @@ class RewardEngine:
     @classmethod
     def from_settings(cls, settings: Settings, metrics: Metrics | None = None) -> RewardEngine:
         model = EmbeddingModel(settings.model, normalize=settings.normalize, device=settings.device,
-                               dtype=settings.dtype)
+                               dtype=settings.dtype, compile=settings.compile)
         store = QueryStore(MemoryStore(settings.memory_store_size), settings.redis_url,
                            timeout_s=settings.redis_timeout_ms / 1000, retry_s=settings.redis_retry_s)
         return cls(settings, model, store, metrics)
@@ -156,6 +156,7 @@ class RewardEngine:
             "model_path": self.model.info.path,
             "device": self.model.info.device,
             "dtype": self.model.info.dtype,
+            "compiled": self.model.info.compiled,
             "embedding_dim": self.model.info.dim,
             "normalize": self.model.normalize,
             "max_length": self.model.max_length,
