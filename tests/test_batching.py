@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from conftest import ServiceProcess, start_service
-from r3_service.engine.scheduler import BatchLimits, EmbeddingScheduler, QueueFull
+from r3_service.engine.scheduler import BatchLimits, EmbeddingScheduler, QueueFull, ReadyQueue, _Entry
 from r3_service.metrics import Metrics
 
 
@@ -242,3 +242,27 @@ def test_concurrent_http_requests_score_as_they_would_alone(server_url: str) -> 
     assert concurrent == pytest.approx(alone, rel=1e-5)
     metrics = httpx.get(f"{server_url}/metrics").text
     assert "r3_batch_size_bucket" in metrics and "r3_dedup_hits_total" in metrics
+
+
+def test_ready_queue_batches_the_oldest_with_its_length_neighbours() -> None:
+    loop = asyncio.new_event_loop()
+    try:
+        def entry(name: str, length: int, at: float) -> _Entry:
+            return _Entry(name, loop.create_future(), False, ids=[0] * length, ready_at=at)
+
+        queue = ReadyQueue()
+        old_short = entry("old short", 10, 0.0)
+        longs = [entry(f"long {i}", 100 + i, 1.0 + i) for i in range(5)]
+        near = [entry(f"near {i}", 9 + i % 3, 10.0 + i) for i in range(6)]
+        gone = entry("client left", 10, 0.5)
+        gone.waiters = 0
+        queue.add([old_short, gone, *longs, *near])
+        abandoned: list[_Entry] = []
+        batch = queue.take(BatchLimits(max_tokens=60, max_size=100, max_wait_s=0, max_queue=100), abandoned)
+        # The oldest live text leads; only lengths within MIN_FILL of the longest join; budget 60
+        # padded tokens at length 11 allows 5 texts.
+        assert batch[0] is old_short and len(batch) == 5
+        assert all(len(e.ids) <= 11 for e in batch) and abandoned == [gone]
+        assert queue.count == 13 - 5 - 1 and queue.oldest() is longs[0]
+    finally:
+        loop.close()

@@ -13,7 +13,7 @@ import asyncio
 import logging
 import math
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -77,6 +77,69 @@ class _Entry:
     waiters: int = 1
     ids: list[int] = field(default_factory=list)
     ready_at: float = 0.0
+    taken: bool = False  # left the ready queue (batched or dropped)
+
+
+class ReadyQueue:
+    """Tokenised texts waiting for a batch, bucketed by length so a batch is formed in
+    O(batch + distinct lengths), however deep the queue. Texts whose clients all left are
+    dropped when met (lazily), not searched for."""
+
+    def __init__(self) -> None:
+        self._buckets: dict[int, deque[_Entry]] = {}  # length -> entries, oldest first
+        self._arrivals: deque[_Entry] = deque()  # every entry, oldest first (lazy deletion)
+        self.count = 0
+        self.tokens = 0
+
+    def add(self, entries: list[_Entry]) -> None:
+        for entry in entries:
+            self._buckets.setdefault(len(entry.ids), deque()).append(entry)
+            self._arrivals.append(entry)
+            self.count += 1
+            self.tokens += len(entry.ids)
+
+    def oldest(self) -> _Entry | None:
+        """The oldest text someone still waits for."""
+        while self._arrivals and (self._arrivals[0].taken or self._arrivals[0].waiters <= 0):
+            self._arrivals.popleft()
+        return self._arrivals[0] if self._arrivals else None
+
+    def take(self, limits: BatchLimits, abandoned: list[_Entry]) -> list[_Entry]:
+        """The oldest text and those closest to it in length, within the padded-token budget and
+        no shorter than MIN_FILL of the longest. Texts nobody waits for go to `abandoned`."""
+        anchor = self.oldest()
+        if anchor is None:  # only abandoned texts are left
+            for length in list(self._buckets):
+                while length in self._buckets:
+                    abandoned.append(self._pop(length))
+            return []
+        anchor_length = len(anchor.ids)
+        batch: list[_Entry] = []
+        longest = shortest = anchor_length
+        for length in sorted(self._buckets, key=lambda n: abs(math.log(n / anchor_length))):
+            wider_longest, wider_shortest = max(longest, length), min(shortest, length)
+            if batch and wider_shortest < MIN_FILL * wider_longest:
+                break
+            while length in self._buckets:
+                if self._buckets[length][0].waiters <= 0:
+                    abandoned.append(self._pop(length))
+                    continue
+                if batch and (len(batch) >= limits.max_size
+                              or (len(batch) + 1) * wider_longest > limits.max_tokens):
+                    return batch
+                batch.append(self._pop(length))
+                longest, shortest = wider_longest, wider_shortest
+        return batch
+
+    def _pop(self, length: int) -> _Entry:
+        bucket = self._buckets[length]
+        entry = bucket.popleft()
+        if not bucket:
+            del self._buckets[length]
+        entry.taken = True
+        self.count -= 1
+        self.tokens -= length
+        return entry
 
 
 @dataclass(frozen=True)
@@ -95,7 +158,7 @@ class EmbeddingScheduler:
         self.metrics = metrics
         self.cache = EmbeddingCache(cache_size)
         self._pending: dict[str, _Entry] = {}  # queued, tokenising or computing
-        self._ready: list[_Entry] = []  # tokenised, waiting for a batch
+        self._ready = ReadyQueue()  # tokenised, waiting for a batch
         self._wake = asyncio.Event()
         self._model_thread = ThreadPoolExecutor(1, thread_name_prefix="r3-model")
         self._tokenizers = ThreadPoolExecutor(tokenizer_threads, thread_name_prefix="r3-tokenize")
@@ -179,7 +242,7 @@ class EmbeddingScheduler:
         now = time.monotonic()
         for entry, ids in zip(entries, sequences, strict=True):
             entry.ids, entry.ready_at = ids, now
-        self._ready.extend(entries)
+        self._ready.add(entries)
         self._wake.set()
 
     async def _run(self) -> None:
@@ -211,14 +274,16 @@ class EmbeddingScheduler:
     async def _wait_for_work(self) -> None:
         """Return when a full batch is ready, or the oldest ready text has waited max_wait."""
         while True:
-            self._drop_abandoned()
-            if not self._ready:
+            oldest = self._ready.oldest()
+            if oldest is None:
+                if self._ready.count:  # only abandoned texts: the next take drops them
+                    return
                 self._wake.clear()
                 await self._wake.wait()
                 continue
-            if self._full_batch_ready():
+            if self._ready.count >= self.limits.max_size or self._ready.tokens >= self.limits.max_tokens:
                 return
-            remaining = min(e.ready_at for e in self._ready) + self.limits.max_wait_s - time.monotonic()
+            remaining = oldest.ready_at + self.limits.max_wait_s - time.monotonic()
             if remaining <= 0:
                 return
             self._wake.clear()
@@ -227,43 +292,19 @@ class EmbeddingScheduler:
             except TimeoutError:
                 return
 
-    def _full_batch_ready(self) -> bool:
-        return (len(self._ready) >= self.limits.max_size
-                or sum(len(e.ids) for e in self._ready) >= self.limits.max_tokens)
-
     def _take_batch(self) -> list[_Entry]:
-        """The oldest ready text and those closest to it in length, within the padded-token
-        budget and no shorter than MIN_FILL of the longest: first come, first served, while
-        padding stays small (on the CPU padding is the main waste, on a GPU a launch is cheap)."""
-        if not self._ready:
-            return []
-        anchor = min(self._ready, key=lambda e: e.ready_at)
-        length = len(anchor.ids)
-        by_closeness = sorted(self._ready, key=lambda e: (abs(math.log(len(e.ids) / length)), e.ready_at))
-        batch: list[_Entry] = []
-        longest, shortest = length, length
-        for entry in by_closeness:
-            size = len(entry.ids)
-            longest, shortest = max(longest, size), min(shortest, size)
-            if (len(batch) >= self.limits.max_size or (len(batch) + 1) * longest > self.limits.max_tokens
-                    or shortest < MIN_FILL * longest) and batch:
-                break
-            batch.append(entry)
-        chosen = set(map(id, batch))
-        self._ready = [e for e in self._ready if id(e) not in chosen]
+        """First come, first served, while padding stays small (on the CPU padding is the main
+        waste; on a GPU a launch is cheap). Sorted longest first: padded to the first."""
+        abandoned: list[_Entry] = []
+        batch = self._ready.take(self.limits, abandoned)
+        if abandoned:
+            for entry in abandoned:
+                self._pending.pop(entry.text, None)
+                entry.future.cancel()
+            self.metrics.dropped.inc(len(abandoned))
+            self.metrics.queue_depth.set(len(self._pending))
         batch.sort(key=lambda e: len(e.ids), reverse=True)
         return batch
-
-    def _drop_abandoned(self) -> None:
-        abandoned = [e for e in self._ready if e.waiters <= 0]
-        if not abandoned:
-            return
-        self._ready = [e for e in self._ready if e.waiters > 0]
-        for entry in abandoned:
-            self._pending.pop(entry.text, None)
-            entry.future.cancel()
-        self.metrics.dropped.inc(len(abandoned))
-        self.metrics.queue_depth.set(len(self._pending))
 
     def _forward(self, sequences: list[list[int]]) -> torch.Tensor:
         """Runs on the model thread. A CUDA out-of-memory error halves the batch and retries."""
