@@ -1,7 +1,7 @@
 """The scoring engine: clean texts, resolve query types, embed each distinct text once, combine.
 
-The model is owned by one worker thread, so the event loop never blocks on a forward pass and
-the model is never used from two threads at once.
+Embedding goes through the scheduler, which owns the model on one thread: the event loop never
+blocks on a forward pass, and requests' texts share batches.
 """
 
 from __future__ import annotations
@@ -131,17 +131,15 @@ class RewardEngine:
         """S for every item that needs one; each distinct text is embedded once, and queries and
         references (which recur across a group and across steps) may come from the cache."""
         pairs = [preset.relevance_pair(item) for item in items]
-        texts: dict[str, int] = {}
-        cacheable: dict[str, bool] = {}
+        cacheable: dict[str, bool] = {}  # each distinct text, in first-seen order
         for pair, item in zip(pairs, items, strict=True):
             if pair is not None:
-                texts.setdefault(pair[1], len(texts))
                 cacheable[pair[1]] = True
-                texts.setdefault(item.response, len(texts))
                 cacheable.setdefault(item.response, False)
-        if not texts:
+        if not cacheable:
             return [None] * len(items)
-        embeddings = await self.scheduler.embed(list(texts), [cacheable[t] for t in texts])
+        embeddings = await self.scheduler.embed(list(cacheable), list(cacheable.values()))
+        texts = {text: index for index, text in enumerate(cacheable)}
         wanted = [(texts[p[1]], texts[item.response]) for p, item in zip(pairs, items, strict=True)
                   if p is not None]
         left, right = (torch.tensor(side) for side in zip(*wanted, strict=True))
