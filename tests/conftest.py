@@ -145,3 +145,23 @@ def embedding_model():
     from r3_service.settings import DEFAULT_MODEL
 
     return EmbeddingModel(DEFAULT_MODEL, device="cpu")
+
+
+def save_tiny_bert(path: Path, model_class: str = "BertModel", **config: object) -> Path:
+    """A randomly initialised 2-layer BERT with the packaged MiniLM's tokenizer, saved like a hub
+    checkpoint (config, weights, tokenizer only): real loading code, no hub."""
+    import torch
+    import transformers
+    from transformers import AutoTokenizer, BertConfig
+
+    from r3_service.backends.embedding import resolve_model_path
+    from r3_service.settings import DEFAULT_MODEL
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(DEFAULT_MODEL))
+    torch.manual_seed(0)
+    bert = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2,
+                      num_attention_heads=2, intermediate_size=64, max_position_embeddings=512, **config)
+    getattr(transformers, model_class)(bert).save_pretrained(path)
+    tokenizer.model_max_length = 512
+    tokenizer.save_pretrained(path)
+    return path

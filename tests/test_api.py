@@ -18,7 +18,7 @@ def configured(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceProc
     """A service with small limits, a chat template and another default preset."""
     proc = start_service(tmp_path_factory.mktemp("configured"), R3_MAX_ITEMS="5",
                          R3_MAX_TEXT_CHARS="1000", R3_MAX_BODY_BYTES="20000",
-                         R3_CHAT_TEMPLATE="vicuna", R3_BACKEND="li-rp",
+                         R3_CHAT_TEMPLATE="vicuna", R3_DEFAULT_BACKEND="li-rp",
                          R3_DEFAULT_QUERY_TYPE="closed", R3_MAX_ROLLOUT_TOKENS="768")
     yield proc
     proc.stop()
@@ -37,18 +37,21 @@ def test_health_and_readiness(server_url: str) -> None:
 
 def test_info_reports_the_settings_in_force(server_url: str) -> None:
     info = httpx.get(f"{server_url}/v1/info").json()
-    assert info["backend"] == "r3" and set(info["backends"]) == set(PRESETS)
-    assert info["model"] == "packaged:all-MiniLM-L6-v2"
-    assert info["normalize"] is True and info["max_length"] == 256
-    assert info["relevance_in_range"] == [0.0, 1.0] and info["relevance_out_range"] == [0.0, 5.12]
+    assert info["default_backend"] == "r3" and set(info["backends"]) == set(PRESETS)
+    r3 = info["backends"]["r3"]
+    assert r3["kind"] == "r3" and r3["preset"] == "r3" and r3["model"] == "packaged:all-MiniLM-L6-v2"
+    assert r3["normalize"] is True and r3["max_length"] == 256
+    assert r3["relevance_in_range"] == [0.0, 1.0] and r3["relevance_out_range"] == [0.0, 5.12]
+    # Every preset that embeds shares the one loaded model.
+    assert [m["model"] for m in info["models"]] == ["packaged:all-MiniLM-L6-v2"]
     assert info["stop_strings"] == ["\n\n\n\n", "\n\n--", "\n\n____"]
     assert info["default_query_type"] == "open" and info["store"] == "redis"
 
 
 def test_info_of_a_configured_service(configured: ServiceProcess) -> None:
     info = httpx.get(f"{configured.url}/v1/info").json()
-    assert info["backend"] == "li-rp" and info["default_query_type"] == "closed"
-    assert info["relevance_out_range"] == [0.0, 7.68] and info["store"] == "memory"
+    assert info["default_backend"] == "li-rp" and info["default_query_type"] == "closed"
+    assert info["backends"]["li-rp"]["relevance_out_range"] == [0.0, 7.68] and info["store"] == "memory"
     assert "USER:" in info["stop_strings"] and "ASSISTANT:" in info["stop_strings"]
 
 

@@ -8,26 +8,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from r3_service.backends.embedding import EmbeddingModel, resolve_model_path
+from conftest import save_tiny_bert
+from r3_service.backends.embedding import EmbeddingModel
 from r3_service.engine.engine import RewardEngine
 from r3_service.settings import DEFAULT_MODEL, Settings
-from r3_service.store.stores import MemoryStore, QueryStore
 
 
 @pytest.fixture(scope="module")
 def tiny_bert(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A randomly initialised BERT saved like a hub checkpoint (config, weights, tokenizer only)."""
-    from transformers import AutoTokenizer, BertConfig, BertModel
-
-    path = tmp_path_factory.mktemp("tiny-bert")
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(DEFAULT_MODEL))
-    torch.manual_seed(0)
-    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2,
-                        num_attention_heads=2, intermediate_size=64, max_position_embeddings=512)
-    BertModel(config).save_pretrained(path)
-    tokenizer.model_max_length = 512
-    tokenizer.save_pretrained(path)
-    return path
+    return save_tiny_bert(tmp_path_factory.mktemp("tiny-bert"))
 
 
 def test_local_model_without_sentence_transformers_config(tiny_bert: Path) -> None:
@@ -47,7 +36,7 @@ def test_local_model_without_sentence_transformers_config(tiny_bert: Path) -> No
 def test_unnormalised_model_defaults_to_contriever_ranges(tiny_bert: Path) -> None:
     settings = Settings(model=str(tiny_bert), device="cpu")
     engine = RewardEngine.from_settings(settings)
-    info = engine.info()
+    info = engine.info()["backends"]["r3"]
     assert info["normalize"] is False and info["relevance_in_range"] == [0.0, 3.5]
     assert info["relevance_out_range"] == [0.0, 5.12] and info["max_length"] == 512
 
@@ -57,13 +46,14 @@ def test_ranges_and_normalisation_are_configurable(tiny_bert: Path, monkeypatch:
     monkeypatch.setenv("R3_NORMALIZE", "true")
     monkeypatch.setenv("R3_RELEVANCE_IN_RANGE", "[-1, 1]")
     monkeypatch.setenv("R3_MAX_ROLLOUT_TOKENS", "768")
-    settings = Settings()
-    model = EmbeddingModel(settings.model, normalize=settings.normalize, device="cpu")
-    engine = RewardEngine(settings, model, QueryStore(MemoryStore(10)))
-    assert engine.info()["normalize"] is True
-    assert engine.info()["relevance_in_range"] == [-1.0, 1.0]
-    assert engine.info()["relevance_out_range"] == [0.0, 7.68]
-    assert torch.allclose(model.embed(["x y z"]).norm(dim=-1), torch.ones(1), atol=1e-5)
+    monkeypatch.setenv("R3_DEVICE", "cpu")
+    engine = RewardEngine.from_settings(Settings())
+    info = engine.info()["backends"]["r3"]
+    assert info["normalize"] is True
+    assert info["relevance_in_range"] == [-1.0, 1.0]
+    assert info["relevance_out_range"] == [0.0, 7.68]
+    (scheduler,) = engine.pool.schedulers.values()
+    assert torch.allclose(scheduler.model.embed(["x y z"]).norm(dim=-1), torch.ones(1), atol=1e-5)
 
 
 def test_compiled_encoder_gives_the_same_embeddings(embedding_model) -> None:

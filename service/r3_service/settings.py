@@ -1,27 +1,119 @@
-"""All service settings in one place, read from `R3_*` environment variables."""
+"""All service settings in one place: `R3_*` environment variables over a deployment file.
+
+The deployment file (YAML, path in `R3_CONFIG`) holds the same keys as the environment, without
+the prefix, plus `backends:` — the named reward backends this deployment serves. Environment
+variables override the file.
+"""
 
 from __future__ import annotations
 
-from typing import Literal
+import os
+from pathlib import Path
+from typing import Annotated, Any, Literal
 
-from pydantic import Field, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    YamlConfigSettingsSource,
+)
 
 from r3_service.querytypes import QueryType, parse_query_type
 
 DEFAULT_MODEL = "packaged:all-MiniLM-L6-v2"
 
 
+def _check_range(value: tuple[float, float]) -> tuple[float, float]:
+    if not value[0] < value[1]:
+        raise ValueError(f"relevance_in_range must be [lo, hi] with lo < hi, got {list(value)}")
+    return value
+
+
+RelevanceRange = Annotated[tuple[float, float], AfterValidator(_check_range)]
+
+
+class _Spec(BaseModel):
+    model_config = ConfigDict(extra="forbid")  # a misspelt key is an error, not a silent default
+
+
+class R3BackendSpec(_Spec):
+    """An R3 preset over an embedding model; unset fields take the top-level settings."""
+
+    kind: Literal["r3"] = "r3"
+    preset: str = Field("r3", description="r3, r3-no-branch, li-rp, li, r3-random-type, relevance, lppo.")
+    model: str | None = Field(None, description="Embedding model; default: the top-level `model`.")
+    normalize: bool | None = None
+    relevance_in_range: RelevanceRange | None = None
+    max_rollout_tokens: int | None = Field(None, gt=0)
+    lppo_target_length: int | None = Field(None, gt=0)
+
+    @field_validator("preset")
+    @classmethod
+    def _preset(cls, value: str) -> str:
+        from r3_service.backends.r3 import PRESETS
+
+        if value not in PRESETS:
+            raise ValueError(f"unknown preset {value!r}; valid: {', '.join(PRESETS)}")
+        return value
+
+
+class RewardModelSpec(_Spec):
+    """A sequence-classification reward model (e.g. OpenAssistant's DeBERTa OASST-RM)."""
+
+    kind: Literal["hf-reward-model"]
+    model: str = Field(description="Local path or hub id (already in the local cache).")
+    input_format: str = Field(
+        "pair", description="pair: tokenizer(query, response), as OASST-RM was trained; chat: the "
+                            "tokenizer's chat template; or a template name (vicuna, chatml, ...).")
+    max_length: int = Field(1024, gt=0, description="Tokens per (query, response); longer inputs "
+                                                     "lose the end of the longer side.")
+    label: int = Field(0, ge=0, description="Which logit is the reward.")
+
+    @field_validator("input_format")
+    @classmethod
+    def _format(cls, value: str) -> str:
+        from r3_service.backends.templates import TEMPLATES
+
+        if value not in ("pair", "chat", *TEMPLATES):
+            raise ValueError(f"unknown input_format {value!r}; valid: pair, chat, {', '.join(TEMPLATES)}")
+        return value
+
+
+class EnsembleMember(_Spec):
+    backend: str
+    weight: float = 1.0
+    standardize: Literal["none", "fixed", "running"] = Field(
+        "none", description="fixed: (r - mean) / std with the given numbers; running: with the "
+                            "mean and std of every reward this member has given (batch included).")
+    mean: float = 0.0
+    std: float = Field(1.0, gt=0)
+
+
+class EnsembleSpec(_Spec):
+    """A weighted sum of other backends' rewards (the paper's appendix E.2 mixes R3 and UltraRM)."""
+
+    kind: Literal["ensemble"]
+    members: list[EnsembleMember] = Field(min_length=1)
+
+
+BackendSpec = Annotated[R3BackendSpec | RewardModelSpec | EnsembleSpec, Field(discriminator="kind")]
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="R3_", extra="ignore")
 
+    config: str | None = Field(None, description="Deployment file (YAML): settings and `backends`.")
+
     # Scoring
-    backend: str = Field("r3", description="Default preset: r3, r3-no-branch, li-rp, li, relevance, ...")
+    backends: dict[str, BackendSpec] = Field(
+        default_factory=dict, description="Named reward backends; empty = one r3 backend per preset.")
+    default_backend: str = Field("r3", description="Backend used when a request names none.")
     model: str = Field(DEFAULT_MODEL, description="Embedding model: the packaged MiniLM, a path or a hub id.")
     normalize: bool | None = Field(
         None, description="Unit-normalise embeddings; None = as the model's own pipeline does."
     )
-    relevance_in_range: tuple[float, float] | None = Field(
+    relevance_in_range: RelevanceRange | None = Field(
         None, description="Closed-branch input range of S; None = [0, 1] normalised, else [0, 3.5]."
     )
     max_rollout_tokens: int = Field(512, gt=0, description="Output range of f is [0, this / 100].")
@@ -65,13 +157,6 @@ class Settings(BaseSettings):
     def _query_type(cls, value: object) -> QueryType:
         return parse_query_type(str(value))
 
-    @field_validator("relevance_in_range")
-    @classmethod
-    def _range(cls, value: tuple[float, float] | None) -> tuple[float, float] | None:
-        if value is not None and not value[0] < value[1]:
-            raise ValueError(f"relevance_in_range must be [lo, hi] with lo < hi, got {list(value)}")
-        return value
-
     @field_validator("chat_template", mode="before")
     @classmethod
     def _template(cls, value: object) -> str | None:
@@ -82,3 +167,54 @@ class Settings(BaseSettings):
         if value not in TEMPLATES:
             raise ValueError(f"unknown chat template {value!r}; valid: none, {', '.join(TEMPLATES)}")
         return str(value)
+
+    @model_validator(mode="after")
+    def _backends(self) -> Settings:
+        if not self.backends:
+            from r3_service.backends.r3 import PRESETS
+
+            self.backends = {name: R3BackendSpec(preset=name) for name in PRESETS}
+        if self.default_backend not in self.backends:
+            raise ValueError(f"default_backend {self.default_backend!r} is not a configured backend; "
+                             f"valid: {', '.join(self.backends)}")
+        for name, spec in self.backends.items():
+            if isinstance(spec, EnsembleSpec):
+                for member in spec.members:
+                    if member.backend not in self.backends or member.backend == name:
+                        raise ValueError(f"ensemble {name!r}: member {member.backend!r} is not another "
+                                         f"configured backend; valid: {', '.join(self.backends)}")
+                    if isinstance(self.backends[member.backend], EnsembleSpec):
+                        raise ValueError(f"ensemble {name!r}: member {member.backend!r} is an ensemble "
+                                         "itself; list its members instead")
+        return self
+
+    @classmethod
+    def settings_customise_sources(
+        cls, settings_cls: type[BaseSettings], init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource, dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        """Constructor arguments, then `R3_*` variables, then the deployment file."""
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        path = getattr(init_settings, "init_kwargs", {}).get("config") or os.environ.get("R3_CONFIG")
+        if path:
+            sources.append(DeploymentFile(settings_cls, Path(path)))
+        return tuple(sources)
+
+
+class DeploymentFile(YamlConfigSettingsSource):
+    """The YAML deployment file; a missing file or a non-mapping is an error, not an empty config."""
+
+    def __init__(self, settings_cls: type[BaseSettings], path: Path) -> None:
+        if not path.is_file():
+            raise ValueError(f"R3_CONFIG: no such file {str(path)!r}")
+        super().__init__(settings_cls, yaml_file=path)
+
+    def _read_file(self, file_path: Path) -> dict[str, Any]:
+        data = super()._read_file(file_path)
+        if not isinstance(data, dict):
+            raise ValueError(f"R3_CONFIG {str(file_path)!r}: expected a mapping of settings at the top level")
+        unknown = set(data) - set(Settings.model_fields) - {"config"}
+        if unknown:
+            raise ValueError(f"R3_CONFIG {str(file_path)!r}: unknown setting(s) {', '.join(sorted(unknown))}")
+        return data

@@ -136,6 +136,7 @@ def components(scored: Scored) -> Components:
         query_type=scored.query_type,
         query_type_source=scored.query_type_source,  # type: ignore[arg-type]
         reference_source=scored.reference_source,  # type: ignore[arg-type]
+        members=scored.members,
     )
 
 
@@ -148,6 +149,8 @@ def extra_logs(results: list[Scored], uses_relevance: bool) -> dict[str, list[fl
     }
     if uses_relevance:
         logs["relevance"] = [r.relevance or 0.0 for r in results]
+    for member in results[0].members or {} if results else {}:
+        logs[f"reward_{member}"] = [(r.members or {})[member] for r in results]
     return logs
 
 
@@ -171,8 +174,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         await engine.store.ping()
         engine.start()
         app.state.engine = engine
-        log.info("r3 ready: backend=%s model=%s store=%s", settings.backend, settings.model,
-                 engine.store.kind)
+        log.info("r3 ready: backends=%s (default %s), models=%s, store=%s", ",".join(engine.backends),
+                 settings.default_backend, ",".join(m["model"] for m in engine.models()), engine.store.kind)
         yield
         await engine.close()
 
@@ -207,7 +210,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                     endpoint: str) -> tuple[str, list[Scored]]:
         engine = engine_of(request)
         try:
-            name = engine.preset(backend).name
+            name = engine.backend(backend).name
         except UnknownBackend as error:
             raise HTTPException(422, str(error)) from None
         results = await unless_disconnected(request, engine.score(items, name))
@@ -242,7 +245,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             raise HTTPException(422, str(error)) from None
         name, results = await score(request, items, body.backend, "/get_reward")
         rewards = [r.reward for r in results]
-        uses_relevance = engine_of(request).preset(name).uses_relevance
+        uses_relevance = engine_of(request).backend(name).uses_relevance
         return GetRewardResponse(rewards=rewards, scores=rewards,
                                  extra_logs=extra_logs(results, uses_relevance))
 
@@ -257,8 +260,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         engine = getattr(request.app.state, "engine", None)
         if engine is None:
             return JSONResponse({"ready": False, "detail": "the model is still loading"}, 503)
-        return JSONResponse({"ready": True, "model": engine.model.info.model,
-                             "device": engine.model.info.device, "store": engine.store.status()})
+        return JSONResponse({"ready": True, "models": [{"model": m["model"], "device": m["device"]}
+                                                       for m in engine.models()],
+                             "store": engine.store.status()})
 
     @app.get("/metrics", response_class=Response)
     async def prometheus() -> Response:
@@ -267,7 +271,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @app.get("/v1/info")
     async def info(request: Request) -> dict[str, object]:
-        """The scoring settings in force."""
-        return engine_of(request).info()
+        """The scoring settings in force: every backend with its settings, and the loaded models."""
+        engine = engine_of(request)
+        return {**engine.info(), "models": engine.models()}
 
     return app

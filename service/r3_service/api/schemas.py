@@ -36,7 +36,8 @@ class RewardRequest(BaseModel):
     }]})
 
     items: list[RewardItem]
-    backend: str | None = Field(None, description="Preset/backend name; default: the configured one.")
+    backend: str | None = Field(None, description="Backend name (GET /v1/info lists them); "
+                                                  "default: the configured one.")
     return_components: bool | None = Field(False, description="Also return each item's R3 parts.")
 
 
@@ -48,6 +49,8 @@ class Components(BaseModel):
     query_type: QueryType
     query_type_source: Literal["request", "cache", "classifier", "default", "random"]
     reference_source: Literal["request", "cache"] | None
+    members: dict[str, float] | None = Field(
+        None, description="An ensemble's member rewards, each after its standardisation.")
 
 
 class RewardResponse(BaseModel):

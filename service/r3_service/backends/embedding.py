@@ -66,6 +66,17 @@ def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
 
+def pad_right(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input ids, attention mask) of one batch, padded on the right to its longest sequence."""
+    length = max(len(sequence) for sequence in sequences)
+    ids = torch.full((len(sequences), length), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), length), dtype=torch.long)
+    for row, sequence in enumerate(sequences):
+        ids[row, : len(sequence)] = torch.tensor(sequence)
+        mask[row, : len(sequence)] = 1
+    return ids, mask
+
+
 @dataclass(frozen=True)
 class EmbeddingInfo:
     model: str
@@ -118,12 +129,7 @@ class EmbeddingModel:
     @torch.inference_mode()
     def forward(self, sequences: list[list[int]]) -> torch.Tensor:
         """Mean-pooled embeddings (len, dim), float32 on the CPU, of one padded batch."""
-        length = max(len(sequence) for sequence in sequences)
-        ids = torch.full((len(sequences), length), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(sequences), length), dtype=torch.long)
-        for row, sequence in enumerate(sequences):
-            ids[row, : len(sequence)] = torch.tensor(sequence)
-            mask[row, : len(sequence)] = 1
+        ids, mask = pad_right(sequences, self.pad_id)
         if self.device.type == "cuda":
             ids, mask = ids.pin_memory(), mask.pin_memory()
         ids = ids.to(self.device, non_blocking=True)

@@ -45,6 +45,7 @@ class Scored:
     query_type: QueryType
     query_type_source: str
     reference_source: str | None
+    members: dict[str, float] | None = None  # an ensemble's parts, each after standardisation
 
 
 @dataclass(frozen=True)

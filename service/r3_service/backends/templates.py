@@ -19,7 +19,11 @@ class ChatTemplate:
     user_turn: re.Pattern[str]  # group 1 is one user turn
     assistant_marker: str  # the response starts after the last one of these
     stop_strings: tuple[str, ...]  # role prefixes: a response is cut at the first one
+    exchange: str  # one user turn and its answer, for models that read templated text
     drop: re.Pattern[str] | None = None  # removed from a user turn (e.g. a system block)
+
+    def render(self, query: str, response: str) -> str:
+        return self.exchange.format(query=query, response=response)
 
     def user_text(self, text: str) -> str:
         turns = (match.group(1) for match in self.user_turn.finditer(text))
@@ -46,6 +50,7 @@ TEMPLATES: dict[str, ChatTemplate] = {
             user_turn=re.compile(r"<\|im_start\|>\s*user\s*\n?(.*?)(?=<\|im_end\|>|<\|im_start\|>|$)", _S),
             assistant_marker="<|im_start|>assistant\n",
             stop_strings=("<|im_start|>", "<|im_end|>", "<|endoftext|>"),
+            exchange="<|im_start|>user\n{query}<|im_end|>\n<|im_start|>assistant\n{response}<|im_end|>",
         ),
         ChatTemplate(
             name="llama-2",
@@ -53,6 +58,7 @@ TEMPLATES: dict[str, ChatTemplate] = {
             user_turn=re.compile(r"\[INST\](.*?)\[/INST\]", _S),
             assistant_marker="[/INST]",
             stop_strings=("[INST]", "[/INST]", "</s>"),
+            exchange="[INST] {query} [/INST] {response}",
             drop=re.compile(r"<<SYS>>.*?<</SYS>>", _S),
         ),
         ChatTemplate(
@@ -61,6 +67,7 @@ TEMPLATES: dict[str, ChatTemplate] = {
             user_turn=re.compile(r"### Instruction:(.*?)(?=### Response:|### Instruction:|$)", _S),
             assistant_marker="### Response:",
             stop_strings=("### Instruction:", "### Input:", "### Response:"),
+            exchange="### Instruction:\n{query}\n\n### Response:\n{response}",
         ),
         ChatTemplate(
             name="vicuna",
@@ -68,6 +75,7 @@ TEMPLATES: dict[str, ChatTemplate] = {
             user_turn=re.compile(r"(?<![^\s>])USER:(.*?)(?=ASSISTANT:|$)", _S),
             assistant_marker="ASSISTANT:",
             stop_strings=("USER:", "ASSISTANT:", "</s>"),
+            exchange="USER: {query} ASSISTANT: {response}",
         ),
         ChatTemplate(
             name="anthropic-hh",
@@ -75,6 +83,7 @@ TEMPLATES: dict[str, ChatTemplate] = {
             user_turn=re.compile(r"(?:^|\n\n)Human:(.*?)(?=\n\nAssistant:|\n\nHuman:|$)", _S),
             assistant_marker="\n\nAssistant:",
             stop_strings=("\n\nHuman:", "\n\nAssistant:"),
+            exchange="\n\nHuman: {query}\n\nAssistant: {response}",
         ),
     )
 }

@@ -1,24 +1,34 @@
-"""The scoring engine: clean texts, resolve query types, embed each distinct text once, combine.
+"""The scoring engine: clean texts, resolve query types, hand items to the requested backend.
 
-Embedding goes through the scheduler, which owns the model on one thread: the event loop never
-blocks on a forward pass, and requests' texts share batches.
+Every model runs behind a scheduler that owns it on one thread: the event loop never blocks on a
+forward pass, and concurrent requests' texts share batches. Backends naming the same model share
+one scheduler (`ModelPool`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
 
 from r3_service.backends.embedding import EmbeddingModel
-from r3_service.backends.r3 import PRESETS, Preset, ResolvedItem, RuleParams, Scored, score
+from r3_service.backends.kinds import (
+    EnsembleBackend,
+    Member,
+    R3Backend,
+    RewardBackend,
+    RewardModelBackend,
+    RunningMoments,
+)
+from r3_service.backends.r3 import PRESETS, ResolvedItem, RuleParams, Scored
+from r3_service.backends.reward_model import RewardModel
 from r3_service.backends.templates import TEMPLATES, extract_query
 from r3_service.backends.text import GENERIC_STOP_STRINGS, clean_response
-from r3_service.engine.scheduler import BatchLimits, EmbeddingScheduler
+from r3_service.engine.scheduler import BatchLimits, BatchModel, EmbeddingScheduler
 from r3_service.metrics import Metrics
 from r3_service.querytypes import QueryType
-from r3_service.settings import Settings
+from r3_service.settings import EnsembleSpec, R3BackendSpec, RewardModelSpec, Settings
 from r3_service.store.records import QueryRecord, clean_reference, query_key
 from r3_service.store.stores import MemoryStore, QueryStore
 
@@ -35,11 +45,11 @@ class RawItem:
 
 
 class UnknownBackend(ValueError):
-    def __init__(self, name: str) -> None:
-        super().__init__(f"unknown backend {name!r}; valid: {', '.join(PRESETS)}")
+    def __init__(self, name: str, valid: Sequence[str]) -> None:
+        super().__init__(f"unknown backend {name!r}; valid: {', '.join(valid)}")
 
 
-def batch_limits(settings: Settings, model: EmbeddingModel) -> BatchLimits:
+def batch_limits(settings: Settings, model: BatchModel) -> BatchLimits:
     on_gpu = model.device.type == "cuda"
     return BatchLimits(
         max_tokens=settings.max_batch_tokens or (32768 if on_gpu else 2048),
@@ -49,49 +59,118 @@ def batch_limits(settings: Settings, model: EmbeddingModel) -> BatchLimits:
     )
 
 
-class RewardEngine:
-    def __init__(self, settings: Settings, model: EmbeddingModel, store: QueryStore,
-                 metrics: Metrics | None = None) -> None:
+def describe_model(model: BatchModel) -> dict[str, object]:
+    info = model.info
+    return {"model": info.model, "model_path": info.path, "device": info.device, "dtype": info.dtype,
+            "compiled": info.compiled, "embedding_dim": info.dim, "normalize": info.normalize,
+            "max_length": info.max_length,
+            "truncation": "left" if isinstance(model, EmbeddingModel) else "right"}
+
+
+class ModelPool:
+    """Each model loaded once, with one batching scheduler: backends naming the same model share
+    its weights, its queue and its embedding cache."""
+
+    def __init__(self, settings: Settings, metrics: Metrics) -> None:
         self.settings = settings
-        self.model = model
+        self.metrics = metrics
+        self.schedulers: dict[tuple[object, ...], EmbeddingScheduler] = {}
+        metrics.queue_depth.set_function(lambda: sum(s.queued for s in self.schedulers.values()))
+
+    def embedding(self, name: str, normalize: bool | None) -> EmbeddingScheduler:
+        s = self.settings
+        return self._shared(("embedding", name, normalize), lambda: EmbeddingModel(
+            name, normalize=normalize, device=s.device, dtype=s.dtype, compile=s.compile))
+
+    def reward_model(self, spec: RewardModelSpec) -> EmbeddingScheduler:
+        s = self.settings
+        return self._shared(("reward-model", spec.model, spec.input_format, spec.max_length, spec.label),
+                            lambda: RewardModel(spec.model, input_format=spec.input_format,
+                                                max_length=spec.max_length, label=spec.label,
+                                                device=s.device, dtype=s.dtype))
+
+    def _shared(self, key: tuple[object, ...], load: Callable[[], BatchModel]) -> EmbeddingScheduler:
+        if key not in self.schedulers:
+            model = load()
+            s = self.settings
+            self.schedulers[key] = EmbeddingScheduler(model, batch_limits(s, model), self.metrics,
+                                                      cache_size=s.embedding_cache_size,
+                                                      tokenizer_threads=s.tokenizer_threads)
+        return self.schedulers[key]
+
+
+def build_backends(settings: Settings, pool: ModelPool) -> dict[str, RewardBackend]:
+    """The configured backends; ensembles after the backends they combine."""
+    backends: dict[str, RewardBackend] = {}
+    ordered = sorted(settings.backends.items(), key=lambda pair: isinstance(pair[1], EnsembleSpec))
+    for name, spec in ordered:
+        if isinstance(spec, R3BackendSpec):
+            backends[name] = r3_backend(name, spec, settings, pool)
+        elif isinstance(spec, RewardModelSpec):
+            scheduler = pool.reward_model(spec)
+            backends[name] = RewardModelBackend(name, scheduler.embed, {
+                **describe_model(scheduler.model), "input_format": spec.input_format, "label": spec.label})
+        else:
+            backends[name] = EnsembleBackend(name, [
+                Member(backends[m.backend], m.weight, m.standardize, m.mean, m.std,
+                       RunningMoments() if m.standardize == "running" else None)
+                for m in spec.members])
+    return backends
+
+
+def r3_backend(name: str, spec: R3BackendSpec, settings: Settings, pool: ModelPool) -> R3Backend:
+    preset = PRESETS[spec.preset]
+    model_name = spec.model or settings.model
+    normalize = spec.normalize if spec.normalize is not None else settings.normalize
+    # A rule without relevance never loads a model.
+    scheduler = pool.embedding(model_name, normalize) if preset.uses_relevance else None
+    normalized = scheduler.model.info.normalize if scheduler else bool(normalize)
+    in_range = spec.relevance_in_range or settings.relevance_in_range or (
+        (0.0, 1.0) if normalized else (0.0, 3.5))
+    params = RuleParams(
+        relevance_in_range=in_range,
+        relevance_out_range=(0.0, (spec.max_rollout_tokens or settings.max_rollout_tokens) / 100.0),
+        lppo_target_length=spec.lppo_target_length or settings.lppo_target_length,
+    )
+    if scheduler is None:
+        return R3Backend(name, preset, params, _no_embedding, {})
+    return R3Backend(name, preset, params, scheduler.embed, describe_model(scheduler.model))
+
+
+async def _no_embedding(texts: Sequence[str], cacheable: Sequence[bool]) -> torch.Tensor:
+    raise AssertionError("a preset without relevance asked for embeddings")
+
+
+class RewardEngine:
+    def __init__(self, settings: Settings, store: QueryStore, metrics: Metrics | None = None) -> None:
+        self.settings = settings
         self.store = store
         self.metrics = metrics or Metrics()
         self.metrics.watch_store(store.stats)
-        self.scheduler = EmbeddingScheduler(model, batch_limits(settings, model), self.metrics,
-                                            cache_size=settings.embedding_cache_size,
-                                            tokenizer_threads=settings.tokenizer_threads)
-        in_range = settings.relevance_in_range or ((0.0, 1.0) if model.normalize else (0.0, 3.5))
-        self.params = RuleParams(
-            relevance_in_range=in_range,
-            relevance_out_range=(0.0, settings.max_rollout_tokens / 100.0),
-            lppo_target_length=settings.lppo_target_length,
-        )
+        self.pool = ModelPool(settings, self.metrics)
+        self.backends = build_backends(settings, self.pool)
         template = TEMPLATES[settings.chat_template].stop_strings if settings.chat_template else ()
         self.stop_strings: tuple[str, ...] = GENERIC_STOP_STRINGS + template
 
     @classmethod
     def from_settings(cls, settings: Settings, metrics: Metrics | None = None) -> RewardEngine:
-        model = EmbeddingModel(settings.model, normalize=settings.normalize, device=settings.device,
-                               dtype=settings.dtype, compile=settings.compile)
         store = QueryStore(MemoryStore(settings.memory_store_size), settings.redis_url,
                            timeout_s=settings.redis_timeout_ms / 1000, retry_s=settings.redis_retry_s)
-        return cls(settings, model, store, metrics)
+        return cls(settings, store, metrics)
 
     def start(self) -> None:
-        """Start the batching loop; call from the event loop that will serve requests."""
-        self.scheduler.start()
+        """Start the batching loops; call from the event loop that will serve requests."""
+        for scheduler in self.pool.schedulers.values():
+            scheduler.start()
 
-    def preset(self, name: str | None) -> Preset:
-        name = name or self.settings.backend
-        if name not in PRESETS:
-            raise UnknownBackend(name)
-        return PRESETS[name]
+    def backend(self, name: str | None) -> RewardBackend:
+        name = name or self.settings.default_backend
+        if name not in self.backends:
+            raise UnknownBackend(name, list(self.backends))
+        return self.backends[name]
 
     async def score(self, items: Sequence[RawItem], backend: str | None = None) -> list[Scored]:
-        preset = self.preset(backend)
-        resolved = [preset.prepare(item) for item in await self._resolve(items)]
-        relevance = await self._relevance(preset, resolved)
-        return [score(preset, item, s, self.params) for item, s in zip(resolved, relevance, strict=True)]
+        return await self.backend(backend).score(await self._resolve(items))
 
     def _clean(self, response: str, extra_stop_strings: tuple[str, ...]) -> str:
         if not self.settings.stop_strings:
@@ -127,53 +206,27 @@ class RewardEngine:
             reference_source=reference_source if reference is not None else None,
         )
 
-    async def _relevance(self, preset: Preset, items: list[ResolvedItem]) -> list[float | None]:
-        """S for every item that needs one; each distinct text is embedded once, and queries and
-        references (which recur across a group and across steps) may come from the cache."""
-        pairs = [preset.relevance_pair(item) for item in items]
-        cacheable: dict[str, bool] = {}  # each distinct text, in first-seen order
-        for pair, item in zip(pairs, items, strict=True):
-            if pair is not None:
-                cacheable[pair[1]] = True
-                cacheable.setdefault(item.response, False)
-        if not cacheable:
-            return [None] * len(items)
-        embeddings = await self.scheduler.embed(list(cacheable), list(cacheable.values()))
-        texts = {text: index for index, text in enumerate(cacheable)}
-        wanted = [(texts[p[1]], texts[item.response]) for p, item in zip(pairs, items, strict=True)
-                  if p is not None]
-        left, right = (torch.tensor(side) for side in zip(*wanted, strict=True))
-        dots = iter((embeddings[left] * embeddings[right]).sum(dim=-1).tolist())
-        return [next(dots) if pair is not None else None for pair in pairs]
-
     def info(self) -> dict[str, object]:
+        limits = next(iter(self.pool.schedulers.values())).limits if self.pool.schedulers else None
         return {
-            "backend": self.settings.backend,
-            "backends": {name: preset.description for name, preset in PRESETS.items()},
-            "model": self.model.info.model,
-            "model_path": self.model.info.path,
-            "device": self.model.info.device,
-            "dtype": self.model.info.dtype,
-            "compiled": self.model.info.compiled,
-            "embedding_dim": self.model.info.dim,
-            "normalize": self.model.normalize,
-            "max_length": self.model.max_length,
-            "truncation": "left",
-            "relevance_in_range": list(self.params.relevance_in_range),
-            "relevance_out_range": list(self.params.relevance_out_range),
+            "default_backend": self.settings.default_backend,
+            "backends": {name: backend.describe() for name, backend in self.backends.items()},
             "max_rollout_tokens": self.settings.max_rollout_tokens,
-            "lppo_target_length": self.settings.lppo_target_length,
             "stop_strings": list(self.stop_strings) if self.settings.stop_strings else [],
             "chat_template": self.settings.chat_template,
             "default_query_type": self.settings.default_query_type,
             "store": self.store.kind,
-            "batching": {"max_batch_tokens": self.scheduler.limits.max_tokens,
-                         "max_batch_size": self.scheduler.limits.max_size,
+            "batching": {"max_batch_tokens": limits and limits.max_tokens,
+                         "max_batch_size": limits and limits.max_size,
                          "max_wait_ms": self.settings.max_wait_ms,
-                         "max_queue_items": self.scheduler.limits.max_queue,
+                         "max_queue_items": self.settings.max_queue_items,
                          "embedding_cache_size": self.settings.embedding_cache_size},
         }
 
+    def models(self) -> list[dict[str, object]]:
+        return [describe_model(scheduler.model) for scheduler in self.pool.schedulers.values()]
+
     async def close(self) -> None:
-        await self.scheduler.close()
+        for scheduler in self.pool.schedulers.values():
+            await scheduler.close()
         await self.store.close()

@@ -17,10 +17,11 @@ from collections import OrderedDict, deque
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 
-from r3_service.backends.embedding import EmbeddingModel
+from r3_service.backends.embedding import EmbeddingInfo
 from r3_service.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -150,8 +151,19 @@ class BatchLimits:
     max_queue: int  # distinct texts queued or computing
 
 
+class BatchModel(Protocol):
+    """What the scheduler needs of a model: the embedding model and the reward model both fit."""
+
+    device: torch.device
+    info: EmbeddingInfo
+
+    def tokenize(self, texts: list[str]) -> list[list[int]]: ...
+
+    def forward(self, sequences: list[list[int]]) -> torch.Tensor: ...
+
+
 class EmbeddingScheduler:
-    def __init__(self, model: EmbeddingModel, limits: BatchLimits, metrics: Metrics, *,
+    def __init__(self, model: BatchModel, limits: BatchLimits, metrics: Metrics, *,
                  cache_size: int, tokenizer_threads: int = 2) -> None:
         self.model = model
         self.limits = limits
@@ -213,7 +225,6 @@ class EmbeddingScheduler:
             waiting.append((index, entry))
         if new:
             self._admit(new)
-        self.metrics.queue_depth.set(len(self._pending))
         try:
             for index, entry in waiting:
                 out[index] = await asyncio.shield(entry.future)
@@ -269,7 +280,6 @@ class EmbeddingScheduler:
                     self.cache.put(entry.text, row)
                 if not entry.future.done():
                     entry.future.set_result(row)
-            self.metrics.queue_depth.set(len(self._pending))
 
     async def _wait_for_work(self) -> None:
         """Return when a full batch is ready, or the oldest ready text has waited max_wait."""
@@ -302,7 +312,6 @@ class EmbeddingScheduler:
                 self._pending.pop(entry.text, None)
                 entry.future.cancel()
             self.metrics.dropped.inc(len(abandoned))
-            self.metrics.queue_depth.set(len(self._pending))
         batch.sort(key=lambda e: len(e.ids), reverse=True)
         return batch
 

@@ -1,0 +1,103 @@
+"""A sequence-classification reward model (`AutoModelForSequenceClassification`), e.g. the paper's
+OASST-RM (`OpenAssistant/reward-model-deberta-v3-large-v2`).
+
+It speaks the same tokenize/forward contract as the embedding model, so the scheduler batches
+its inputs across requests exactly as it batches texts to embed: one input is one (query,
+response) exchange, encoded as a single string key (`exchange_key`), and its "embedding" is a
+one-element row holding the reward.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+
+import torch
+
+from r3_service.backends.embedding import (
+    EmbeddingInfo,
+    pad_right,
+    pick_device,
+    pick_dtype,
+    resolve_model_path,
+)
+from r3_service.backends.templates import TEMPLATES
+
+log = logging.getLogger(__name__)
+
+
+def exchange_key(query: str, response: str) -> str:
+    """One unambiguous string per (query, response): the scheduler dedups and queues by string."""
+    return json.dumps([query, response], ensure_ascii=False)
+
+
+class RewardModel:
+    """Owns one classifier. `forward` is not thread-safe (one scheduler thread calls it)."""
+
+    def __init__(self, model: str, *, input_format: str = "pair", max_length: int = 1024,
+                 label: int = 0, device: str = "auto", dtype: str = "auto") -> None:
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        path = resolve_model_path(model)
+        self.tokenizer = AutoTokenizer.from_pretrained(path)
+        self.device = pick_device(device)
+        self.dtype = pick_dtype(dtype, self.device)
+        self.model = AutoModelForSequenceClassification.from_pretrained(path)
+        self.model = self.model.to(self.device, self.dtype).eval()
+        if self.tokenizer.pad_token_id is None:  # decoder reward models: pad with EOS, as they score
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        if self.model.config.pad_token_id is None:  # the last real token is found by the pad id
+            self.model.config.pad_token_id = self.tokenizer.pad_token_id
+        if label >= self.model.config.num_labels:
+            raise ValueError(f"reward model {model!r} has {self.model.config.num_labels} labels; "
+                             f"label {label} does not exist")
+        self.label = label
+        self.input_format = input_format
+        self.max_length = min(max_length, self.tokenizer.model_max_length)
+        self.pad_id = self.tokenizer.pad_token_id
+        # Pair inputs of BERT-style models mark the second segment with token type 1.
+        self._segments = getattr(self.model.config, "type_vocab_size", 0) > 1 and input_format == "pair"
+        self._encode = self._encoder(input_format)
+        self.info = EmbeddingInfo(
+            model=model, path=path, normalize=False, max_length=self.max_length, dim=1,
+            device=str(self.device), dtype=str(self.dtype).removeprefix("torch."), compiled=False,
+        )
+        log.info("reward model %s on %s, %s (input %s, max_length=%d)",
+                 model, self.device, self.info.dtype, input_format, self.max_length)
+
+    def _encoder(self, input_format: str) -> Callable[[str, str], list[int]]:
+        tokenizer, limit = self.tokenizer, self.max_length
+        if input_format == "pair":
+            return lambda q, r: tokenizer(q, r, truncation="longest_first", max_length=limit)["input_ids"]
+        if input_format == "chat":
+            if not getattr(tokenizer, "chat_template", None):
+                raise ValueError("input_format 'chat' needs a tokenizer with a chat template; "
+                                 "name a template (vicuna, chatml, ...) or use 'pair'")
+
+            def chat(query: str, response: str) -> list[int]:
+                text = tokenizer.apply_chat_template(
+                    [{"role": "user", "content": query}, {"role": "assistant", "content": response}],
+                    tokenize=False)
+                encoded = tokenizer(text, truncation=True, max_length=limit, add_special_tokens=False)
+                return encoded["input_ids"]
+
+            return chat
+        template = TEMPLATES[input_format]
+        return lambda q, r: tokenizer(template.render(q, r), truncation=True, max_length=limit)["input_ids"]
+
+    def tokenize(self, keys: list[str]) -> list[list[int]]:
+        return [self._encode(*json.loads(key)) for key in keys]
+
+    @torch.inference_mode()
+    def forward(self, sequences: list[list[int]]) -> torch.Tensor:
+        """Rewards (len, 1), float32 on the CPU, of one right-padded batch."""
+        ids, mask = pad_right(sequences, self.pad_id)
+        inputs = {"input_ids": ids, "attention_mask": mask}
+        if self._segments:
+            # Token type 1 after the first separator (tokenizer(q, r) does the same).
+            is_sep = (ids == self.tokenizer.sep_token_id).long()
+            inputs["token_type_ids"] = ((is_sep.cumsum(dim=1) - is_sep) > 0).long() * mask
+        inputs = {name: value.to(self.device) for name, value in inputs.items()}
+        logits = self.model(**inputs).logits.float()
+        return logits[:, self.label : self.label + 1].cpu()
