@@ -14,6 +14,7 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
+    NoDecode,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
     YamlConfigSettingsSource,
@@ -134,7 +135,10 @@ class Settings(BaseSettings):
     max_batch_size: int | None = Field(None, gt=0, description="Sequences per forward; "
                                        "None = 1024 on GPU, 256 on CPU.")
     max_wait_ms: float = Field(2.0, ge=0, description="How long an idle model waits for a fuller batch.")
-    max_queue_items: int = Field(65_536, gt=0, description="Distinct texts queued; beyond it, 429.")
+    max_queue_items: int | None = Field(
+        None, gt=0, description="Distinct texts queued per model; beyond it, 429. None = what the "
+                                "model clears in `queue_seconds`, measured at start-up.")
+    queue_seconds: float = Field(2.0, gt=0, description="Work the measured queue bound holds.")
     embedding_cache_size: int = Field(50_000, ge=0, description="Query/reference embeddings kept (LRU).")
     tokenizer_threads: int = Field(2, gt=0, description="Threads tokenising ahead of the model.")
 
@@ -145,12 +149,26 @@ class Settings(BaseSettings):
     memory_store_size: int = Field(200_000, gt=0, description="Records kept in-process.")
     qtypes_file: str | None = Field(None, description="JSON/JSONL loaded into the store at start-up.")
 
-    # Limits
+    # Security and limits
+    api_keys: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="Comma-separated; when set, every endpoint but /healthz and "
+                                          "/readyz needs `Authorization: Bearer KEY`.")
+    shutdown_timeout_s: float = Field(30.0, gt=0, description="On SIGTERM, how long in-flight "
+                                                              "requests may take to finish.")
     max_items: int = Field(4096, gt=0)
     max_text_chars: int = Field(200_000, gt=0)
     max_body_bytes: int = Field(64 * 1024 * 1024, gt=0)
 
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _keys(cls, value: object) -> object:
+        if isinstance(value, str):
+            value = value.split(",")
+        if isinstance(value, list):
+            return [key.strip() for key in value if isinstance(key, str) and key.strip()] or []
+        return value
 
     @field_validator("default_query_type", mode="before")
     @classmethod

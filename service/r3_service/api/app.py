@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hmac
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable
@@ -36,7 +37,8 @@ log = logging.getLogger("r3_service")
 
 T = TypeVar("T")
 ENDPOINTS = {"/reward", "/get_reward", "/healthz", "/readyz", "/metrics", "/v1/info"}
-ERRORS = {413: {"model": ErrorResponse, "description": "Over a configured limit"},
+ERRORS = {401: {"model": ErrorResponse, "description": "Missing or invalid API key (when keys are set)"},
+          413: {"model": ErrorResponse, "description": "Over a configured limit"},
           422: {"description": "Invalid input; the message names the field"},
           429: {"model": ErrorResponse, "description": "Queue full; retry after `Retry-After` seconds"}}
 
@@ -83,6 +85,48 @@ async def unless_disconnected(request: Request, work: Awaitable[T]) -> T:
         return await task
     finally:
         watcher.cancel()
+
+
+OPEN_PATHS = {"/healthz", "/readyz"}  # orchestrators' probes: no key, answered while draining
+
+
+class ApiKeys:
+    """401 unless `Authorization: Bearer KEY` names a configured key. Every key is compared in
+    constant time, so the answer's timing says nothing about how close a guess was."""
+
+    def __init__(self, app: ASGIApp, keys: list[str]) -> None:
+        self.app = app
+        self.keys = [key.encode() for key in keys]
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] in OPEN_PATHS or self._valid(scope):
+            await self.app(scope, receive, send)
+            return
+        response = JSONResponse({"detail": "missing or invalid API key: send Authorization: Bearer KEY"},
+                                status_code=401, headers={"WWW-Authenticate": "Bearer"})
+        await response(scope, receive, send)
+
+    def _valid(self, scope: Scope) -> bool:
+        scheme, _, token = dict(scope["headers"]).get(b"authorization", b"").partition(b" ")
+        matches = [hmac.compare_digest(token.strip(), key) for key in self.keys]  # no short cut
+        return scheme.lower() == b"bearer" and any(matches)
+
+
+class Draining:
+    """After SIGTERM, requests that still arrive on open connections get 503 (in-flight ones
+    finish); `/readyz` says not ready, so a load balancer stops sending."""
+
+    def __init__(self, app: ASGIApp, state: object) -> None:
+        self.app = app
+        self.state = state
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and getattr(self.state, "draining", False) and scope["path"] != "/healthz":
+            response = JSONResponse({"detail": "the service is shutting down; retry on another replica"},
+                                    status_code=503, headers={"Retry-After": "1", "Connection": "close"})
+            await response(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
 
 
 class BodyLimit:
@@ -181,7 +225,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     app = FastAPI(title="r3", version="0.1.0", lifespan=lifespan,
                   description="R3 (Regularized Relevance Reward) scoring for RL fine-tuning of LLMs.")
+    app.state.draining = False
+    # Outermost last: Observe → ApiKeys → BodyLimit → Draining → routes.
+    app.add_middleware(Draining, state=app.state)
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    if settings.api_keys:
+        app.add_middleware(ApiKeys, keys=settings.api_keys)
     app.add_middleware(Observe, metrics=metrics)
 
     def engine_of(request: Request) -> RewardEngine:

@@ -7,6 +7,8 @@ one scheduler (`ModelPool`).
 
 from __future__ import annotations
 
+import logging
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -32,6 +34,8 @@ from r3_service.settings import EnsembleSpec, R3BackendSpec, RewardModelSpec, Se
 from r3_service.store.records import QueryRecord, clean_reference, query_key
 from r3_service.store.stores import MemoryStore, QueryStore
 
+log = logging.getLogger(__name__)
+
 
 @dataclass(frozen=True)
 class RawItem:
@@ -51,12 +55,28 @@ class UnknownBackend(ValueError):
 
 def batch_limits(settings: Settings, model: BatchModel) -> BatchLimits:
     on_gpu = model.device.type == "cuda"
+    max_tokens = settings.max_batch_tokens or (32768 if on_gpu else 2048)
+    max_size = settings.max_batch_size or (1024 if on_gpu else 256)
     return BatchLimits(
-        max_tokens=settings.max_batch_tokens or (32768 if on_gpu else 2048),
-        max_size=settings.max_batch_size or (1024 if on_gpu else 256),
-        max_wait_s=settings.max_wait_ms / 1000,
-        max_queue=settings.max_queue_items,
+        max_tokens=max_tokens, max_size=max_size, max_wait_s=settings.max_wait_ms / 1000,
+        max_queue=settings.max_queue_items or measured_queue_bound(model, max_tokens, max_size,
+                                                                   settings.queue_seconds),
     )
+
+
+def measured_queue_bound(model: BatchModel, max_tokens: int, max_size: int, seconds: float) -> int:
+    """Distinct texts the model clears in `seconds`: a full batch of 64-token texts, timed after
+    one warm-up pass. Never below `max_size`, so a batch-sized request always fits."""
+    length = min(64, model.info.max_length)
+    count = max(1, min(max_size, max_tokens // length))
+    batch = [[1000 + (row + i) % 1000 for i in range(length)] for row in range(count)]
+    model.forward(batch)
+    started = time.perf_counter()
+    model.forward(batch)
+    bound = max(max_size, int(seconds * count / max(time.perf_counter() - started, 1e-6)))
+    log.info("queue bound for %s: %d texts (%.1f s of work at the measured rate)",
+             model.info.model, bound, seconds)
+    return bound
 
 
 def describe_model(model: BatchModel) -> dict[str, object]:
@@ -207,7 +227,6 @@ class RewardEngine:
         )
 
     def info(self) -> dict[str, object]:
-        limits = next(iter(self.pool.schedulers.values())).limits if self.pool.schedulers else None
         return {
             "default_backend": self.settings.default_backend,
             "backends": {name: backend.describe() for name, backend in self.backends.items()},
@@ -216,15 +235,15 @@ class RewardEngine:
             "chat_template": self.settings.chat_template,
             "default_query_type": self.settings.default_query_type,
             "store": self.store.kind,
-            "batching": {"max_batch_tokens": limits and limits.max_tokens,
-                         "max_batch_size": limits and limits.max_size,
-                         "max_wait_ms": self.settings.max_wait_ms,
-                         "max_queue_items": self.settings.max_queue_items,
+            "batching": {"max_wait_ms": self.settings.max_wait_ms,
                          "embedding_cache_size": self.settings.embedding_cache_size},
         }
 
     def models(self) -> list[dict[str, object]]:
-        return [describe_model(scheduler.model) for scheduler in self.pool.schedulers.values()]
+        """Each loaded model with its batching limits (the queue bound may have been measured)."""
+        return [{**describe_model(s.model), "max_batch_tokens": s.limits.max_tokens,
+                 "max_batch_size": s.limits.max_size, "max_queue_items": s.limits.max_queue}
+                for s in self.pool.schedulers.values()]
 
     async def close(self) -> None:
         for scheduler in self.pool.schedulers.values():
