@@ -61,7 +61,7 @@ class RewardScorer:
     def __init__(
         self, url: str, *, backend: str | None, deadline_s: float, timeout_s: float = 60.0,
         max_retries: int = 5, backoff_s: float = 0.5, max_backoff_s: float = 20.0,
-        chunk_size: int = 512, max_concurrency: int = 8,
+        chunk_size: int = 512, max_concurrency: int = 8, api_key: str | None = None,
     ) -> None:
         self.url = url
         self.backend = backend
@@ -74,7 +74,7 @@ class RewardScorer:
         async def make() -> AsyncRewardClient:
             return AsyncRewardClient(
                 url, max_concurrency=max_concurrency, timeout=timeout_s, max_retries=max_retries,
-                backoff=backoff_s, max_backoff=max_backoff_s, chunk_size=chunk_size,
+                backoff=backoff_s, max_backoff=max_backoff_s, chunk_size=chunk_size, api_key=api_key,
             )
 
         self._client = asyncio.run_coroutine_threadsafe(make(), self._loop).result()

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
 import shutil
 import time
@@ -131,6 +132,7 @@ class PPOTrainer:
             timeout_s=cfg.reward_timeout_s, max_retries=cfg.reward_max_retries,
             backoff_s=cfg.reward_backoff_s, max_backoff_s=cfg.reward_max_backoff_s,
             chunk_size=cfg.reward_chunk_size, max_concurrency=cfg.reward_max_concurrency,
+            api_key=os.environ.get("R3_API_KEY"),  # a secret: from the environment, never the config
         )
         self.step = 0
         self.position = 0  # prompts trained on so far, all processes together
