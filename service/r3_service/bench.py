@@ -20,7 +20,6 @@ import asyncio
 import json
 import os
 import platform
-import subprocess
 import sys
 import tempfile
 import time
@@ -28,53 +27,23 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import httpx
 import torch
 
 from r3_service.backends.embedding import EmbeddingModel, resolve_model_path
-from r3_service.backends.templates import extract_query
 from r3_service.engine.engine import RawItem, RewardEngine
+from r3_service.loadgen import (
+    DATA,
+    Pair,
+    Target,
+    Workload,
+    closed_loop,
+    make_pairs,
+    open_loop,
+    percentiles,
+    scrape,
+    start_server,
+)
 from r3_service.settings import DEFAULT_MODEL, Settings
-from r3_service.store.records import read_records
-
-GROUP = 8
-DATA = Path(__file__).resolve().parents[2] / "data" / "alpacafarm_val.json"
-
-
-@dataclass(frozen=True)
-class Pair:
-    query: str
-    response: str
-    reference: str | None
-    query_type: str | None
-
-    @property
-    def target(self) -> str:
-        """The text R3 compares the response with."""
-        return self.reference if self.query_type == "closed" and self.reference else self.query
-
-    def item(self) -> dict[str, str | None]:
-        return {"query": self.query, "response": self.response, "reference": self.reference,
-                "query_type": self.query_type}
-
-
-def make_pairs(path: Path, count: int, grouped: bool) -> list[Pair]:
-    """`count` pairs; grouped: 8 responses (other rows' answers) per prompt, as GRPO samples.
-    Every response is distinct, and so is every prompt without groups (a " (variant k)" suffix
-    once the data runs out): only a group's shared prompt/reference may be deduplicated."""
-    records, _ = read_records(path)
-    rows = [(extract_query(q), r) for q, r in records if r.reference]
-    pairs = []
-    for index in range(count):
-        prompt = index // GROUP if grouped else index
-        query, record = rows[prompt % len(rows)]
-        if prompt >= len(rows):
-            query += f" (variant {prompt // len(rows)})"
-        response = rows[(len(rows) // 2 + index) % len(rows)][1].reference or ""
-        if index >= len(rows):
-            response += f" (variant {index // len(rows)})"
-        pairs.append(Pair(query, response, record.reference, record.query_type))
-    return pairs
 
 
 @dataclass
@@ -87,17 +56,6 @@ class Result:
     latency_ms: dict[str, float] = field(default_factory=dict)
     mean_batch: float | None = None
     errors: int = 0
-
-
-def percentiles(samples: list[float]) -> dict[str, float]:
-    if not samples:
-        return {}
-    ordered = sorted(samples)
-
-    def at(q: float) -> float:
-        return ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000
-
-    return {"p50": at(0.50), "p95": at(0.95), "p99": at(0.99), "max": ordered[-1] * 1000}
 
 
 def timed(run: Callable[[], object], pairs: int) -> float:
@@ -165,87 +123,12 @@ def engine_in_process(settings: Settings, pairs: list[Pair], items: int, concurr
     return asyncio.run(main())
 
 
-def scrape(url: str) -> dict[str, float]:
-    text = httpx.get(f"{url}/metrics", timeout=30).text
-    values: dict[str, float] = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            name, _, value = line.rpartition(" ")
-            values[name] = float(value)
-    return values
-
-
-async def http_load(url: str, pairs: list[Pair], items: int, concurrency: int,
-                    duration: float) -> tuple[int, list[float], int]:
+def http_load(url: str, pairs: list[Pair], items: int, concurrency: int,
+              duration: float) -> tuple[int, list[float], int]:
     """Closed loop: `concurrency` clients, each sending the next `items` pairs as soon as its
     previous request returns. Adjacent pairs (a GRPO group) are in flight together."""
-    cursor = 0
-    latencies: list[float] = []
-    errors = 0
-    done_pairs = 0
-    deadline = time.perf_counter() + duration
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits) as client:
-
-        async def worker() -> None:
-            nonlocal cursor, errors, done_pairs
-            while time.perf_counter() < deadline:
-                start, cursor = cursor, cursor + items
-                body = {"items": [pairs[(start + i) % len(pairs)].item() for i in range(items)]}
-                sent = time.perf_counter()
-                response = await client.post("/reward", json=body)
-                if response.status_code != 200:
-                    errors += 1
-                    continue
-                latencies.append(time.perf_counter() - sent)
-                done_pairs += items
-
-        started = time.perf_counter()
-        await asyncio.gather(*(worker() for _ in range(concurrency)))
-        elapsed = time.perf_counter() - started
-    return int(done_pairs / elapsed), latencies, errors
-
-
-async def open_loop(url: str, pairs: list[Pair], items: int, rate_per_s: float,
-                    duration: float) -> tuple[list[float], int]:
-    """Requests at a fixed arrival rate, whatever the latency (no coordinated omission)."""
-    latencies: list[float] = []
-    errors = 0
-    async with httpx.AsyncClient(base_url=url, timeout=120,
-                                 limits=httpx.Limits(max_connections=256)) as client:
-
-        async def one(index: int) -> None:
-            nonlocal errors
-            body = {"items": [pairs[(index * items + i) % len(pairs)].item() for i in range(items)]}
-            sent = time.perf_counter()
-            response = await client.post("/reward", json=body)
-            if response.status_code == 200:
-                latencies.append(time.perf_counter() - sent)
-            else:
-                errors += 1
-
-        tasks = []
-        started = time.perf_counter()
-        for index in range(int(rate_per_s * duration)):
-            await asyncio.sleep(max(0.0, started + index / rate_per_s - time.perf_counter()))
-            tasks.append(asyncio.ensure_future(one(index)))
-        await asyncio.gather(*tasks)
-    return latencies, errors
-
-
-def start_server(env: dict[str, str], port: int) -> subprocess.Popen:
-    process = subprocess.Popen(
-        [sys.executable, "-m", "r3_service.cli", "--port", str(port), "--log-level", "warning"],
-        env={**os.environ, **env}, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1).status_code == 200:
-                return process
-        except httpx.HTTPError:
-            time.sleep(0.2)
-    process.kill()
-    raise RuntimeError("r3-serve did not become ready")
+    run = asyncio.run(closed_loop(Target(url), Workload.fixed(pairs, items), concurrency, duration))
+    return int(run.items_ok / run.elapsed), run.latencies, run.errors
 
 
 def random_bert_base(directory: Path) -> str:
@@ -411,10 +294,9 @@ def main(argv: list[str] | None = None) -> int:
                 for grouped, pairs in http_pairs.items():
                     for items in sizes:
                         for concurrency in concurrencies:
-                            asyncio.run(http_load(url, pairs, items, concurrency, 1.0))  # warm-up
+                            http_load(url, pairs, items, concurrency, 1.0)  # warm-up
                             before = scrape(url)
-                            rate, latencies, errors = asyncio.run(
-                                http_load(url, pairs, items, concurrency, args.duration))
+                            rate, latencies, errors = http_load(url, pairs, items, concurrency, args.duration)
                             after = scrape(url)
                             batches = after["r3_batch_size_count"] - before["r3_batch_size_count"]
                             sequences = after["r3_batch_size_sum"] - before["r3_batch_size_sum"]
@@ -427,8 +309,9 @@ def main(argv: list[str] | None = None) -> int:
                             print(f"http groups={grouped} items={items} conc={concurrency}: {rate} pairs/s "
                                   f"p99 {result.latency_ms.get('p99', 0):.0f} ms", flush=True)
                 if peak64:
-                    latencies, errors = asyncio.run(open_loop(url, http_pairs[False], 64,
-                                                              0.5 * peak64 / 64, args.duration * 2))
+                    half = asyncio.run(open_loop(Target(url), Workload.fixed(http_pairs[False], 64),
+                                                      0.5 * peak64 / 64, args.duration * 2))
+                    latencies, errors = half.latencies, half.errors
                     half_load = {"rate_pairs_per_s": 0.5 * peak64, **percentiles(latencies),
                                  "errors": errors, "full_batch_ms": batch_s * 1000}
             finally:

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
+import socket
+import time
 from types import FrameType
 
 import uvicorn
@@ -28,20 +31,41 @@ def main(argv: list[str] | None = None) -> None:
     # One process owns the model; concurrency comes from the event loop, not from workers.
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=level,
                             timeout_graceful_shutdown=settings.shutdown_timeout_s)
-    DrainingServer(config, app).run()
+    DrainingServer(config, app, settings.shutdown_timeout_s).run()
 
 
 class DrainingServer(uvicorn.Server):
-    """On SIGTERM/SIGINT, first mark the app as draining (503 for new requests, /readyz not
-    ready), then let uvicorn stop listening and wait for in-flight requests."""
+    """The first SIGTERM/SIGINT starts a drain: new requests get 503 and /readyz turns 503 while
+    the socket stays open, and uvicorn is told to stop once the requests in flight have finished
+    (or after R3_SHUTDOWN_TIMEOUT_S). A second signal stops at once. A drained exit is exit 0."""
 
-    def __init__(self, config: uvicorn.Config, app: FastAPI) -> None:
+    def __init__(self, config: uvicorn.Config, app: FastAPI, timeout_s: float) -> None:
         super().__init__(config)
         self.app = app
+        self.timeout_s = timeout_s
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        self._loop = asyncio.get_running_loop()
+        await super().startup(sockets)
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-        self.app.state.draining = True
-        super().handle_exit(sig, frame)
+        if self.app.state.draining or self._loop is None:
+            super().handle_exit(sig, frame)
+        else:
+            self.app.state.draining = True
+            self._loop.call_soon_threadsafe(lambda: asyncio.ensure_future(self._drain()))
+        # uvicorn re-raises caught signals after a graceful stop, which turns a clean drain into
+        # "killed by SIGTERM" (exit -15): a finished drain is a success.
+        self._captured_signals.clear()
+
+    async def _drain(self) -> None:
+        deadline = time.monotonic() + self.timeout_s
+        while self.app.state.in_flight > 0 and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        logging.getLogger("r3_service").info("drained (%d requests still in flight); stopping",
+                                             self.app.state.in_flight)
+        self.should_exit = True
 
 
 if __name__ == "__main__":

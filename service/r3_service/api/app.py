@@ -15,6 +15,7 @@ from fastapi import FastAPI, HTTPException, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.datastructures import State
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from r3_service.api.openrlhf import SampleError, to_raw_items
@@ -37,7 +38,8 @@ log = logging.getLogger("r3_service")
 
 T = TypeVar("T")
 ENDPOINTS = {"/reward", "/get_reward", "/healthz", "/readyz", "/metrics", "/v1/info"}
-ERRORS = {401: {"model": ErrorResponse, "description": "Missing or invalid API key (when keys are set)"},
+ERRORS = {400: {"model": ErrorResponse, "description": "The body is not JSON text (e.g. not UTF-8)"},
+          401: {"model": ErrorResponse, "description": "Missing or invalid API key (when keys are set)"},
           413: {"model": ErrorResponse, "description": "Over a configured limit"},
           422: {"description": "Invalid input; the message names the field"},
           429: {"model": ErrorResponse, "description": "Queue full; retry after `Retry-After` seconds"}}
@@ -113,20 +115,29 @@ class ApiKeys:
 
 
 class Draining:
-    """After SIGTERM, requests that still arrive on open connections get 503 (in-flight ones
-    finish); `/readyz` says not ready, so a load balancer stops sending."""
+    """Once draining (SIGTERM), requests get 503 and `/readyz` says not ready, so a load balancer
+    stops sending, while the requests already in flight finish; `state.in_flight` counts those."""
 
-    def __init__(self, app: ASGIApp, state: object) -> None:
+    def __init__(self, app: ASGIApp, state: State) -> None:
         self.app = app
         self.state = state
+        state.draining = False
+        state.in_flight = 0
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and getattr(self.state, "draining", False) and scope["path"] != "/healthz":
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        if self.state.draining and scope["path"] != "/healthz":
             response = JSONResponse({"detail": "the service is shutting down; retry on another replica"},
                                     status_code=503, headers={"Retry-After": "1", "Connection": "close"})
             await response(scope, receive, send)
             return
-        await self.app(scope, receive, send)
+        self.state.in_flight += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.state.in_flight -= 1
 
 
 class BodyLimit:
@@ -225,7 +236,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     app = FastAPI(title="r3", version="0.1.0", lifespan=lifespan,
                   description="R3 (Regularized Relevance Reward) scoring for RL fine-tuning of LLMs.")
-    app.state.draining = False
     # Outermost last: Observe → ApiKeys → BodyLimit → Draining → routes.
     app.add_middleware(Draining, state=app.state)
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)

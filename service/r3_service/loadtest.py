@@ -1,0 +1,213 @@
+"""`r3-loadtest`: drive a running r3 service and report what its clients saw.
+
+Open loop (`--rate R`): request i is due at i/R seconds and its latency counts from then, so a
+slow server cannot slow the arrivals down and hide its own queueing (coordinated omission).
+Closed loop (`--users N`): N clients, each sending as soon as its last answer came back.
+Requests are drawn from a mix of shapes: N distinct items, `grpoN` (one prompt, N responses)
+and `openrlhf` (one /get_reward sample), from AlpacaFarm pairs. Reports throughput, latency
+percentiles, errors by HTTP status and by exception, as JSON and a PNG over time.
+Only loopback targets unless --allow-remote.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import ipaddress
+import json
+import math
+import sys
+from collections import Counter
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from r3_service.loadgen import (
+    DATA,
+    Run,
+    Target,
+    Workload,
+    closed_loop,
+    make_pairs,
+    open_loop,
+    parse_mix,
+    percentiles,
+)
+
+DEFAULT_MIX = "1:0.5,8:0.3,64:0.2"
+
+
+def check_target(url: str, allow_remote: bool) -> None:
+    """Refuse anything but loopback unless the user says otherwise: a load test is an attack on
+    whoever else answers."""
+    host = urlsplit(url).hostname or ""
+    if allow_remote or host == "localhost":
+        return
+    try:
+        loopback = ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = False
+    if not loopback:
+        raise ValueError(f"{url} is not a loopback address; pass --allow-remote to load a remote host")
+
+
+def summarize(run: Run) -> dict:
+    """Throughput of answered-200 requests, their latency, and every failure by cause."""
+    ok = [o for o in run.outcomes if o.ok]
+    elapsed = max(run.elapsed, 1e-9)
+    statuses = Counter(str(o.status) for o in run.outcomes if o.status is not None and not o.ok)
+    exceptions = Counter(o.error for o in run.outcomes if o.error is not None)
+    retry_after = [float(o.retry_after) for o in run.outcomes if o.status == 429 and o.retry_after]
+    return {
+        "requests": len(run.outcomes), "ok": len(ok), "errors": run.errors,
+        "elapsed_s": run.elapsed, "requests_per_s": len(ok) / elapsed, "items_per_s": run.items_ok / elapsed,
+        "latency_ms": percentiles(run.latencies),
+        "errors_by_status": dict(statuses), "errors_by_exception": dict(exceptions),
+        "mean_retry_after_s": sum(retry_after) / len(retry_after) if retry_after else None,
+    }
+
+
+def timeline(run: Run) -> list[dict]:
+    """Per second of the run (by when each request finished): throughput, latency, errors."""
+    seconds = max(1, math.ceil(max((o.end for o in run.outcomes), default=0.0)))
+    buckets: list[list] = [[] for _ in range(seconds)]
+    for outcome in run.outcomes:
+        buckets[min(seconds - 1, int(outcome.end))].append(outcome)
+    rows = []
+    for second, outcomes in enumerate(buckets):
+        ok = [o for o in outcomes if o.ok]
+        rows.append({"t": second, "requests_per_s": len(ok), "items_per_s": sum(o.items for o in ok),
+                     "errors": len(outcomes) - len(ok), **percentiles([o.latency for o in ok])})
+    return rows
+
+
+def _throughput_panel(axis, rows: list[dict], errors: list[tuple[int, int]]) -> None:
+    t = [r["t"] for r in rows]
+    axis.plot(t, [r["items_per_s"] for r in rows], marker=".", label="items/s")
+    requests = axis.twinx()  # same units as errors/s
+    requests.plot(t, [r["requests_per_s"] for r in rows], marker=".", color="tab:orange")
+    requests.set_ylabel("requests/s", color="tab:orange")
+    if errors:
+        requests.scatter(*zip(*errors, strict=True), color="red", marker="x", label="errors/s", zorder=3)
+        requests.legend(fontsize=8, loc="upper right")
+
+
+def _latency_panel(axis, rows: list[dict]) -> None:
+    for key in ("p50", "p95", "p99"):
+        axis.plot([r["t"] for r in rows], [r.get(key, math.nan) for r in rows], marker=".", label=key)
+    axis.set_yscale("log")
+
+
+def plot(rows: list[dict], path: Path, title: str, rss: list[tuple[float, float]] | None = None) -> None:
+    """Throughput and latency percentiles per second, seconds with errors shaded red; optionally
+    the service's RSS (soak)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(3 if rss else 2, 1, figsize=(11, 3.2 * (3 if rss else 2)), sharex=True)
+    errors = [(r["t"], r["errors"]) for r in rows if r["errors"]]
+    _throughput_panel(axes[0], rows, errors)
+    _latency_panel(axes[1], rows)
+    for axis in axes[:2]:
+        for second, _ in errors:
+            axis.axvspan(second, second + 1, color="red", alpha=0.15, linewidth=0)
+    if rss:
+        axes[2].plot([s for s, _ in rss], [m for _, m in rss], color="purple", label="service RSS (MiB)")
+    for axis, label in zip(axes, ("items/s", "latency (ms)", "MiB"), strict=False):
+        axis.set_ylabel(label)
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize=8, loc="upper left")
+    axes[-1].set_xlabel("seconds into the run")
+    figure.suptitle(title, fontsize=10)
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
+def describe(summary: dict) -> str:
+    lat = summary["latency_ms"]
+    text = (f"{summary['requests']} requests in {summary['elapsed_s']:.1f} s: {summary['ok']} ok, "
+            f"{summary['errors']} failed; {summary['requests_per_s']:.1f} requests/s, "
+            f"{summary['items_per_s']:.1f} items/s")
+    if lat:
+        text += (f"\nlatency ms: p50 {lat['p50']:.0f}  p95 {lat['p95']:.0f}  p99 {lat['p99']:.0f}  "
+                 f"max {lat['max']:.0f}")
+    for label, key in (("by status", "errors_by_status"), ("by exception", "errors_by_exception")):
+        if summary[key]:
+            text += f"\nerrors {label}: " + ", ".join(f"{k} x{v}" for k, v in sorted(summary[key].items()))
+    return text
+
+
+def build_workload(args: argparse.Namespace) -> Workload:
+    mix = parse_mix(f"grpo{args.grpo}" if args.grpo else "openrlhf" if args.openrlhf else args.mix)
+    return Workload(mix, make_pairs(args.data, args.pool, grouped=False), labels=not args.unlabelled,
+                    backend=args.backend, seed=args.seed, data=args.data)
+
+
+def target_of(args: argparse.Namespace) -> Target:
+    headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+    return Target(args.url, timeout=args.timeout, headers=headers, max_connections=args.max_connections)
+
+
+async def drive(args: argparse.Namespace, target: Target, workload: Workload) -> Run:
+    if args.rate:
+        return await open_loop(target, workload, args.rate, args.duration, args.drain)
+    return await closed_loop(target, workload, args.users, args.duration, args.drain)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="r3-loadtest", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--url", default="http://127.0.0.1:8000")
+    p.add_argument("--allow-remote", action="store_true", help="allow a target that is not loopback")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--rate", type=float, help="open loop: requests per second on a fixed schedule")
+    mode.add_argument("--users", type=int, default=8, help="closed loop: concurrent clients (default 8)")
+    shape = p.add_mutually_exclusive_group()
+    shape.add_argument("--mix", default=DEFAULT_MIX,
+                       help=f"weighted request shapes: N items, grpoN, openrlhf (default {DEFAULT_MIX})")
+    shape.add_argument("--grpo", type=int, metavar="G",
+                       help="every request a GRPO group: 1 prompt, G responses")
+    shape.add_argument("--openrlhf", action="store_true", help="every request one /get_reward sample")
+    p.add_argument("--unlabelled", action="store_true",
+                   help="send query and response only, so the service looks types/references up")
+    p.add_argument("--backend", help="preset sent with every request (default: the service's own)")
+    p.add_argument("--duration", type=float, default=30.0, help="seconds of arrivals (default 30)")
+    p.add_argument("--drain", type=float, default=30.0,
+                   help="hard stop: requests still running this long after --duration are cut off")
+    p.add_argument("--timeout", type=float, default=60.0, help="per-request timeout in seconds")
+    p.add_argument("--max-connections", type=int, default=256, help="open loop connection pool")
+    p.add_argument("--api-key", help="sent as Authorization: Bearer KEY")
+    p.add_argument("--data", type=Path, default=DATA)
+    p.add_argument("--pool", type=int, default=4096, help="distinct pairs cycled through")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", type=Path, help="write the summary and per-second timeline here")
+    p.add_argument("--plot", type=Path, help="write a PNG of throughput, latency and errors over time")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        check_target(args.url, args.allow_remote)
+        workload = build_workload(args)
+    except ValueError as error:
+        print(f"r3-loadtest: {error}", file=sys.stderr)
+        return 2
+    mode = f"open loop {args.rate:g} req/s" if args.rate else f"closed loop {args.users} users"
+    title = f"r3-loadtest {args.url}: {mode}, mix {','.join(str(s) for s, _ in workload.mix)}"
+    run = asyncio.run(drive(args, target_of(args), workload))
+    summary = summarize(run)
+    print(f"{title}\n{describe(summary)}")
+    if args.json:
+        config = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k != "api_key"}
+        args.json.write_text(json.dumps({"config": config, "summary": summary, "timeline": timeline(run)},
+                                        indent=2))
+    if args.plot:
+        plot(timeline(run), args.plot, title)
+    return 0 if summary["errors"] == 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
