@@ -19,7 +19,8 @@ def configured(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceProc
     proc = start_service(tmp_path_factory.mktemp("configured"), R3_MAX_ITEMS="5",
                          R3_MAX_TEXT_CHARS="1000", R3_MAX_BODY_BYTES="20000",
                          R3_CHAT_TEMPLATE="vicuna", R3_DEFAULT_BACKEND="li-rp",
-                         R3_DEFAULT_QUERY_TYPE="closed", R3_MAX_ROLLOUT_TOKENS="768")
+                         R3_DEFAULT_QUERY_TYPE="closed", R3_MAX_ROLLOUT_TOKENS="768",
+                         R3_QTYPE_CLASSIFIER="none")
     yield proc
     proc.stop()
 
@@ -144,7 +145,9 @@ def test_get_reward_contract(server_url: str) -> None:
     got = post(server_url, "/get_reward", body).json()
     assert len(got["rewards"]) == 3 and got["scores"] == got["rewards"]
     assert got["extra_logs"]["length_incentive"] == pytest.approx([0.06, 0.02, 0.02])
-    assert got["extra_logs"]["closed_branch"] == [0.0, 1.0, 0.0]  # only the labelled closed one
+    # The first is typed closed by the classifier and has a reference: closed branch; the third
+    # has no reference, so it takes the open rule whatever its type.
+    assert got["extra_logs"]["closed_branch"] == [1.0, 1.0, 0.0]
     # Same item through /reward gives the same reward: one rule, two contracts.
     direct = post(server_url, "/reward", {"items": [{"query": "Name a primary colour.", "response": "Blue.",
                                                      "reference": "Blue.", "query_type": "closed"}]})

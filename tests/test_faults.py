@@ -143,7 +143,7 @@ def test_slow_redis_costs_each_request_a_bounded_wait(redis_server: RedisServer,
     delay = 5.0
     with SlowProxy(redis_server.port) as proxy:
         proc = start_service(tmp_path, R3_REDIS_URL=proxy.url, R3_REDIS_TIMEOUT_MS="100",
-                             R3_REDIS_RETRY_S="0.5")
+                             R3_REDIS_RETRY_S="0.5", R3_QTYPE_CLASSIFIER="none")
         try:
             stored = "Slow-store test: which metal is liquid at room temperature?"
             redis.Redis.from_url(redis_server.url).hset(query_key(stored), mapping={"query_type": "closed"})

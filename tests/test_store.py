@@ -119,9 +119,10 @@ def test_resolution_order_request_then_cache_then_default(service: ServiceProces
         {"query": "USER: " + query + " ASSISTANT:", "response": response},  # templated → same key
     ]
     got = post_reward(service.url, items).json()["components"]
-    assert [(c["query_type"], c["query_type_source"]) for c in got] == [
+    assert [(c["query_type"], c["query_type_source"]) for c in got[:4] + got[5:]] == [
         ("closed", "cache"), ("open", "request"), ("closed", "cache"), ("closed", "cache"),
-        ("open", "default"), ("closed", "cache")]
+        ("closed", "cache")]
+    assert got[4]["query_type_source"] == "classifier"  # unknown to the store
     assert [c["reference_source"] for c in got] == ["cache", "cache", "request", "cache", None, "cache"]
     assert [c["relevance_target"] for c in got] == ["reference", "query", "reference", "reference",
                                                     "query", "reference"]
@@ -152,7 +153,9 @@ def test_scoring_survives_redis_stopping_and_reconnects(tmp_path: Path) -> None:
     and once Redis is back the store is used again without a restart."""
     own_redis = RedisServer(free_port(), tmp_path)
     own_redis.start()
-    proc = start_service(tmp_path, R3_REDIS_URL=own_redis.url, R3_REDIS_RETRY_S="0.5")
+    # No classifier: an unknown type must show the default (the fallback under test).
+    proc = start_service(tmp_path, R3_REDIS_URL=own_redis.url, R3_REDIS_RETRY_S="0.5",
+                         R3_QTYPE_CLASSIFIER="none")
     try:
         query = "Outage test: name the largest planet."
         redis.Redis.from_url(own_redis.url).hset(query_key(query), mapping={"query_type": "closed",
@@ -213,6 +216,7 @@ def test_a_hung_redis_costs_a_bounded_wait_not_a_failure(tmp_path: Path) -> None
     own_redis = RedisServer(free_port(), tmp_path)
     own_redis.start()
     proc = start_service(tmp_path, R3_REDIS_URL=own_redis.url, R3_REDIS_TIMEOUT_MS="100",
+                         R3_QTYPE_CLASSIFIER="none",
                          R3_REDIS_RETRY_S="0.2")
     assert own_redis.process is not None
     try:

@@ -121,7 +121,14 @@ class Settings(BaseSettings):
     lppo_target_length: int = Field(100, gt=0, description="Target length T of the lppo preset.")
     stop_strings: bool = Field(True, description="Cut responses at stop strings before scoring.")
     chat_template: str | None = Field(None, description="Template whose role prefixes /reward stops at.")
-    default_query_type: QueryType = "open"
+    default_query_type: QueryType = Field("open", description="When request, store and classifier "
+                                                              "all give no type.")
+    qtype_classifier: Literal["learned", "rules", "llm", "none"] = Field(
+        "learned", description="Types queries the store does not know; its answers are written back.")
+    qtype_llm_url: str | None = Field(None, description="OpenAI-compatible base URL (.../v1) for `llm`.")
+    qtype_llm_model: str | None = Field(None, description="Model name sent to the `llm` endpoint.")
+    qtype_llm_api_key: str | None = Field(None, description="Bearer key for the `llm` endpoint.")
+    qtype_llm_timeout_s: float = Field(10.0, gt=0, description="Per call to the `llm` endpoint.")
     device: str = Field("auto", description="auto (CUDA when present), cpu, cuda, cuda:N.")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="auto: bf16 on GPU (fp16 without bf16), fp32 on CPU."
@@ -185,6 +192,13 @@ class Settings(BaseSettings):
         if value not in TEMPLATES:
             raise ValueError(f"unknown chat template {value!r}; valid: none, {', '.join(TEMPLATES)}")
         return str(value)
+
+    @model_validator(mode="after")
+    def _llm_classifier(self) -> Settings:
+        if self.qtype_classifier == "llm" and not (self.qtype_llm_url and self.qtype_llm_model):
+            raise ValueError("qtype_classifier 'llm' needs qtype_llm_url and qtype_llm_model "
+                             "(R3_QTYPE_LLM_URL, R3_QTYPE_LLM_MODEL)")
+        return self
 
     @model_validator(mode="after")
     def _backends(self) -> Settings:

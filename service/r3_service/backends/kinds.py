@@ -25,6 +25,7 @@ Infer = Callable[[Sequence[str], Sequence[bool]], Awaitable[torch.Tensor]]
 class RewardBackend(Protocol):
     name: str
     uses_relevance: bool
+    uses_query_type: bool  # False: an unknown query type need not be classified
 
     async def score(self, items: list[ResolvedItem]) -> list[Scored]: ...
 
@@ -40,6 +41,7 @@ class R3Backend:
         self.embed = embed
         self.model = model
         self.uses_relevance = preset.uses_relevance
+        self.uses_query_type = preset.uses_query_type
 
     async def score(self, items: list[ResolvedItem]) -> list[Scored]:
         prepared = [self.preset.prepare(item) for item in items]
@@ -86,6 +88,7 @@ def plain(item: ResolvedItem, reward: float, members: dict[str, float] | None = 
 
 class RewardModelBackend:
     uses_relevance = False
+    uses_query_type = False
 
     def __init__(self, name: str, infer: Infer, model: dict[str, object]) -> None:
         self.name = name
@@ -151,6 +154,7 @@ class EnsembleBackend:
         self.name = name
         self.members = members
         self.uses_relevance = any(m.backend.uses_relevance for m in members)
+        self.uses_query_type = any(m.backend.uses_query_type for m in members)
 
     async def score(self, items: list[ResolvedItem]) -> list[Scored]:
         results = await asyncio.gather(*(m.backend.score(items) for m in self.members))

@@ -62,6 +62,10 @@ class Features:
     token_count: int
 
 
+def _unchanged(item: ResolvedItem) -> ResolvedItem:
+    return item
+
+
 @dataclass(frozen=True)
 class Preset:
     name: str
@@ -70,11 +74,16 @@ class Preset:
     # Which text the response's relevance is measured against; None for a rule without relevance.
     target: Callable[[ResolvedItem], RelevanceTarget] | None = None
     # Applied to each resolved item before anything else (r3-random-type re-draws the type).
-    prepare: Callable[[ResolvedItem], ResolvedItem] = lambda item: item
+    prepare: Callable[[ResolvedItem], ResolvedItem] = _unchanged
 
     @property
     def uses_relevance(self) -> bool:
         return self.target is not None
+
+    @property
+    def uses_query_type(self) -> bool:
+        """Whether the item's query type can change the reward (only the branching rule)."""
+        return self.target is _branch_target and self.prepare is _unchanged
 
     def relevance_pair(self, item: ResolvedItem) -> tuple[RelevanceTarget, str] | None:
         if self.target is None:

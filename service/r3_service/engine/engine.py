@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from r3_service.backends.classifier import QueryTypeClassifier, build_classifier
 from r3_service.backends.embedding import EmbeddingModel
 from r3_service.backends.kinds import (
     EnsembleBackend,
@@ -27,10 +28,10 @@ from r3_service.backends.r3 import PRESETS, ResolvedItem, RuleParams, Scored
 from r3_service.backends.reward_model import RewardModel
 from r3_service.backends.templates import TEMPLATES, extract_query
 from r3_service.backends.text import GENERIC_STOP_STRINGS, clean_response
-from r3_service.engine.scheduler import BatchLimits, BatchModel, EmbeddingScheduler
+from r3_service.engine.scheduler import BatchLimits, BatchModel, EmbeddingScheduler, QueueFull
 from r3_service.metrics import Metrics
 from r3_service.querytypes import QueryType
-from r3_service.settings import EnsembleSpec, R3BackendSpec, RewardModelSpec, Settings
+from r3_service.settings import DEFAULT_MODEL, EnsembleSpec, R3BackendSpec, RewardModelSpec, Settings
 from r3_service.store.records import QueryRecord, clean_reference, query_key
 from r3_service.store.stores import MemoryStore, QueryStore
 
@@ -169,6 +170,8 @@ class RewardEngine:
         self.metrics.watch_store(store.stats)
         self.pool = ModelPool(settings, self.metrics)
         self.backends = build_backends(settings, self.pool)
+        needed = any(backend.uses_query_type for backend in self.backends.values())
+        self.classifier = self._classifier() if needed and settings.qtype_classifier != "none" else None
         template = TEMPLATES[settings.chat_template].stop_strings if settings.chat_template else ()
         self.stop_strings: tuple[str, ...] = GENERIC_STOP_STRINGS + template
 
@@ -177,6 +180,23 @@ class RewardEngine:
         store = QueryStore(MemoryStore(settings.memory_store_size), settings.redis_url,
                            timeout_s=settings.redis_timeout_ms / 1000, retry_s=settings.redis_retry_s)
         return cls(settings, store, metrics)
+
+    def _classifier(self) -> QueryTypeClassifier:
+        """The learned head reads the packaged MiniLM through its scheduler: shared with the R3
+        backends (batches and the embedding cache) when they use MiniLM too."""
+        s = self.settings
+        scheduler = self.pool.embedding(DEFAULT_MODEL, None)
+        return build_classifier(
+            s.qtype_classifier, embed=lambda texts: scheduler.embed(texts, [True] * len(texts)),
+            model_name=DEFAULT_MODEL, llm_url=s.qtype_llm_url, llm_model=s.qtype_llm_model,
+            llm_api_key=s.qtype_llm_api_key, timeout_s=s.qtype_llm_timeout_s)
+
+    def _current_classifiers(self) -> set[str]:
+        """Classifier ids whose stored answers are still good (a new version re-classifies)."""
+        if self.classifier is None:
+            return set()
+        fallback = getattr(self.classifier, "fallback", None)
+        return {self.classifier.id, *([fallback.id] if fallback is not None else [])}
 
     def start(self) -> None:
         """Start the batching loops; call from the event loop that will serve requests."""
@@ -190,28 +210,60 @@ class RewardEngine:
         return self.backends[name]
 
     async def score(self, items: Sequence[RawItem], backend: str | None = None) -> list[Scored]:
-        return await self.backend(backend).score(await self._resolve(items))
+        chosen = self.backend(backend)
+        return await chosen.score(await self._resolve(items, classify=chosen.uses_query_type))
 
     def _clean(self, response: str, extra_stop_strings: tuple[str, ...]) -> str:
         if not self.settings.stop_strings:
             return response.strip()
         return clean_response(response, self.stop_strings + extra_stop_strings)
 
-    async def _resolve(self, items: Sequence[RawItem]) -> list[ResolvedItem]:
-        """Query type and reference: the request's own → the store → the default (or none)."""
+    async def _resolve(self, items: Sequence[RawItem], classify: bool = True) -> list[ResolvedItem]:
+        """Query type and reference: the request's own → the store → the classifier → the default."""
         queries = [extract_query(item.query) for item in items]
         keys = [query_key(query) if item.query_type is None or clean_reference(item.reference) is None
                 else None for item, query in zip(items, queries, strict=True)]
         distinct = sorted({key for key in keys if key is not None})
         found = dict(zip(distinct, await self.store.get_many(distinct), strict=True)) if distinct else {}
+        if classify and self.classifier is not None:
+            found |= await self._classify(items, queries, keys, found)
         return [self._resolve_one(item, query, found.get(key) or QueryRecord())
                 for item, query, key in zip(items, queries, keys, strict=True)]
+
+    async def _classify(self, items: Sequence[RawItem], queries: list[str], keys: list[str | None],
+                        found: dict[str, QueryRecord | None]) -> dict[str, QueryRecord]:
+        """Type the queries that neither the request nor the store (by a current classifier, or a
+        dataset) types, and write the answers back to the store."""
+        assert self.classifier is not None
+        current = self._current_classifiers()
+        unknown: dict[str, str] = {}  # key -> query, first seen
+        for item, query, key in zip(items, queries, keys, strict=True):
+            stored = found.get(key) if key is not None else None
+            if key is None or item.query_type is not None or key in unknown:
+                continue
+            if stored is None or stored.query_type is None or (
+                    stored.classified_by is not None and stored.classified_by not in current):
+                unknown[key] = query
+        if not unknown:
+            return {}
+        try:
+            labels = await self.classifier.label(list(unknown.values()))
+        except QueueFull:
+            raise
+        except Exception:  # the classifier is an aid: scoring goes on with the default type
+            log.exception("query-type classifier failed on %d queries; using the default type", len(unknown))
+            return {}
+        answers = {key: QueryRecord(label.query_type, (found.get(key) or QueryRecord()).reference,
+                                    label.classified_by)
+                   for key, label in zip(unknown, labels, strict=True)}
+        await self.store.put_many([(unknown[key], record) for key, record in answers.items()])
+        return answers
 
     def _resolve_one(self, item: RawItem, query: str, stored: QueryRecord) -> ResolvedItem:
         if item.query_type is not None:
             query_type, type_source = item.query_type, "request"
         elif stored.query_type is not None:
-            query_type, type_source = stored.query_type, "cache"
+            query_type, type_source = stored.query_type, "classifier" if stored.classified_by else "cache"
         else:
             query_type, type_source = self.settings.default_query_type, "default"
         reference, reference_source = clean_reference(item.reference), "request"
@@ -234,6 +286,7 @@ class RewardEngine:
             "stop_strings": list(self.stop_strings) if self.settings.stop_strings else [],
             "chat_template": self.settings.chat_template,
             "default_query_type": self.settings.default_query_type,
+            "query_type_classifier": self.classifier.id if self.classifier is not None else None,
             "store": self.store.kind,
             "batching": {"max_wait_ms": self.settings.max_wait_ms,
                          "embedding_cache_size": self.settings.embedding_cache_size},
@@ -246,6 +299,8 @@ class RewardEngine:
                 for s in self.pool.schedulers.values()]
 
     async def close(self) -> None:
+        if self.classifier is not None:
+            await self.classifier.aclose()
         for scheduler in self.pool.schedulers.values():
             await scheduler.close()
         await self.store.close()

@@ -15,12 +15,15 @@ KEY_PREFIX = "r3:q:"
 QUERY_FIELDS = ("input", "instruction", "query")
 REFERENCE_FIELDS = ("output", "reference")
 QUERY_TYPE_FIELDS = ("qtype", "query_type")
+CLASSIFIED_BY_FIELD = "classified_by"
 
 
 @dataclass(frozen=True)
 class QueryRecord:
     query_type: QueryType | None = None
     reference: str | None = None
+    # `name@version` of the classifier that gave query_type; None: an authoritative label (a dataset's)
+    classified_by: str | None = None
 
 
 def query_key(query: str) -> str:
@@ -44,8 +47,9 @@ def _first_field(record: dict, names: tuple[str, ...]) -> tuple[str, object] | N
     return None
 
 
-def parse_record(record: object, line: int) -> tuple[str, QueryRecord]:
-    """(query, record) from one dataset record, or RecordError naming the line and the problem."""
+def parse_record(record: object, line: int, *, allow_bare: bool = False) -> tuple[str, QueryRecord]:
+    """(query, record) from one dataset record, or RecordError naming the line and the problem;
+    `allow_bare` accepts a query with nothing else (for `r3-qtypes classify`)."""
     if not isinstance(record, dict):
         raise RecordError(f"line {line}: expected a JSON object, got {type(record).__name__}")
     found = _first_field(record, QUERY_FIELDS)
@@ -65,10 +69,13 @@ def parse_record(record: object, line: int) -> tuple[str, QueryRecord]:
             query_type = parse_query_type(str(found[1]))
         except ValueError as error:
             raise RecordError(f"line {line}: {found[0]}: {error}") from None
-    if query_type is None and reference is None:
+    if query_type is None and reference is None and not allow_bare:
         raise RecordError(f"line {line}: nothing to store: no query type ({', '.join(QUERY_TYPE_FIELDS)})"
                           f" and no reference ({', '.join(REFERENCE_FIELDS)})")
-    return query, QueryRecord(query_type, reference)
+    classified_by = record.get(CLASSIFIED_BY_FIELD)
+    if classified_by is not None and not isinstance(classified_by, str):
+        raise RecordError(f"line {line}: {CLASSIFIED_BY_FIELD} must be a string")
+    return query, QueryRecord(query_type, reference, classified_by if query_type is not None else None)
 
 
 def iter_json_values(text: str) -> Iterator[tuple[int, object | Exception]]:
@@ -109,7 +116,7 @@ def _skip(text: str, position: int) -> int:
     return position
 
 
-def read_records(path: Path) -> tuple[list[tuple[str, QueryRecord]], list[str]]:
+def read_records(path: Path, *, allow_bare: bool = False) -> tuple[list[tuple[str, QueryRecord]], list[str]]:
     """(valid records, error messages) from a JSON array or JSONL file."""
     records: list[tuple[str, QueryRecord]] = []
     errors: list[str] = []
@@ -118,7 +125,7 @@ def read_records(path: Path) -> tuple[list[tuple[str, QueryRecord]], list[str]]:
             errors.append(f"line {line}: invalid JSON: {value}")
             continue
         try:
-            records.append(parse_record(value, line))
+            records.append(parse_record(value, line, allow_bare=allow_bare))
         except RecordError as error:
             errors.append(str(error))
     return records, errors
