@@ -264,13 +264,21 @@ for rec, comp in zip(picks, out["components"]):
     assert comp["query_type_source"] == "cache", comp
     assert comp["query_type"] == want[rec["qtype"]], comp
 assert out["components"][1]["reference_source"] == "cache", out["components"][1]
-assert out["components"][2]["query_type_source"] == "default", out["components"][2]
-print("    ok: 401 without the API key; with it, query types and the reference came from the Redis cache;"
-      " rewards finite")
+assert out["components"][2]["query_type_source"] == "classifier", out["components"][2]
+print("    ok: 401 without the API key; with it, query types and the reference came from the Redis cache,"
+      " the unseen query's type from the classifier; rewards finite")
 EOF
 }
 step "POST /reward through the reward container (published port)"
 score
+
+# The classifier's answer was written back to Redis with its name@version.
+unseen_key="r3:q:$(printf '%s' 'A query the store has never seen: describe a purple giraffe.' | sha256sum | cut -d' ' -f1)"
+classified_by=$(compose exec -T redis redis-cli hget "$unseen_key" classified_by | tr -d '\r')
+case "$classified_by" in
+    learned@*) info "classifier answer written back to Redis: classified_by=$classified_by" ;;
+    *) die "the classifier's answer for the unseen query is not in Redis (classified_by='$classified_by')" ;;
+esac
 
 step "Redis persistence: restart redis, score again"
 compose restart redis 2>&1 | sed 's/^/    /'
