@@ -52,7 +52,7 @@ def test_ranges_and_normalisation_are_configurable(tiny_bert: Path, monkeypatch:
     assert info["normalize"] is True
     assert info["relevance_in_range"] == [-1.0, 1.0]
     assert info["relevance_out_range"] == [0.0, 7.68]
-    (scheduler,) = engine.pool.schedulers.values()
+    scheduler = engine.pool.embedding(str(tiny_bert), True)  # the r3 backends' model, already loaded
     assert torch.allclose(scheduler.model.embed(["x y z"]).norm(dim=-1), torch.ones(1), atol=1e-5)
 
 

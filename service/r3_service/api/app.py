@@ -133,9 +133,16 @@ class Draining:
                                     status_code=503, headers={"Retry-After": "1", "Connection": "close"})
             await response(scope, receive, send)
             return
+        async def closing_send(message: Message) -> None:
+            # A response finished while draining closes its connection: a client reusing it for
+            # the next request would race the shutdown; a new connection gets a clean 503 instead.
+            if message["type"] == "http.response.start" and self.state.draining:
+                message = {**message, "headers": [*message.get("headers", []), (b"connection", b"close")]}
+            await send(message)
+
         self.state.in_flight += 1
         try:
-            await self.app(scope, receive, send)
+            await self.app(scope, receive, closing_send)
         finally:
             self.state.in_flight -= 1
 
