@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -185,11 +185,16 @@ class RewardEngine:
         """The learned head reads the packaged MiniLM through its scheduler: shared with the R3
         backends (batches and the embedding cache) when they use MiniLM too."""
         s = self.settings
-        scheduler = self.pool.embedding(DEFAULT_MODEL, None)
+        embed = None
+        if s.qtype_classifier != "rules":  # `learned`, and `llm`'s fallback, read MiniLM
+            scheduler = self.pool.embedding(DEFAULT_MODEL, None)
+
+            def embed(texts: list[str]) -> Awaitable[torch.Tensor]:
+                return scheduler.embed(texts, [True] * len(texts))
+
         return build_classifier(
-            s.qtype_classifier, embed=lambda texts: scheduler.embed(texts, [True] * len(texts)),
-            model_name=DEFAULT_MODEL, llm_url=s.qtype_llm_url, llm_model=s.qtype_llm_model,
-            llm_api_key=s.qtype_llm_api_key, timeout_s=s.qtype_llm_timeout_s)
+            s.qtype_classifier, embed=embed, model_name=DEFAULT_MODEL, llm_url=s.qtype_llm_url,
+            llm_model=s.qtype_llm_model, llm_api_key=s.qtype_llm_api_key, timeout_s=s.qtype_llm_timeout_s)
 
     def _current_classifiers(self) -> set[str]:
         """Classifier ids whose stored answers are still good (a new version re-classifies)."""
