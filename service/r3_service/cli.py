@@ -34,6 +34,9 @@ def main(argv: list[str] | None = None) -> None:
     DrainingServer(config, app, settings.shutdown_timeout_s).run()
 
 
+DRAIN_GRACE_S = 0.5
+
+
 class DrainingServer(uvicorn.Server):
     """The first SIGTERM/SIGINT starts a drain: new requests get 503 and /readyz turns 503 while
     the socket stays open, and uvicorn is told to stop once the requests in flight have finished
@@ -63,6 +66,11 @@ class DrainingServer(uvicorn.Server):
         deadline = time.monotonic() + self.timeout_s
         while self.app.state.in_flight > 0 and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
+        # Stop accepting first, and give connections already accepted time for their 503: closing
+        # the socket and the connections at once would drop a request caught in between.
+        for server in self.servers:
+            server.close()
+        await asyncio.sleep(DRAIN_GRACE_S)
         logging.getLogger("r3_service").info("drained (%d requests still in flight); stopping",
                                              self.app.state.in_flight)
         self.should_exit = True
