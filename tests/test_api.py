@@ -125,10 +125,81 @@ def test_unknown_backend_lists_the_valid_names(server_url: str) -> None:
     assert "gpt-judge" in got.json()["detail"] and all(name in got.json()["detail"] for name in PRESETS)
 
 
-def test_malformed_json_is_a_422_not_a_500(server_url: str) -> None:
-    got = httpx.post(f"{server_url}/reward", content=b'{"items": [', timeout=30,
-                     headers={"content-type": "application/json"})
+@pytest.mark.parametrize("content,content_type,needle", [
+    (b'{"items": [', "application/json", "not valid JSON"),
+    (b"items=[]", "application/json", "not valid JSON"),
+    ('{"items": [{"query": "caf\u00e9", "response": "r"}]}'.encode("latin-1"), "application/json", "UTF-8"),
+    (b'{"items": []}', "application/x-www-form-urlencoded", "Content-Type: application/json"),
+    (b'{"items": []}', "text/plain", "Content-Type: application/json"),
+])
+def test_a_body_that_is_not_json_is_a_400_naming_why(server_url: str, content: bytes, content_type: str,
+                                                     needle: str) -> None:
+    """Invalid JSON, bytes that are not UTF-8 and a body not sent as JSON: one status, 400."""
+    for path in ("/reward", "/get_reward"):
+        got = httpx.post(f"{server_url}{path}", content=content, timeout=30,
+                         headers={"content-type": content_type})
+        assert got.status_code == 400, (path, got.text)
+        assert needle in got.json()["detail"]
+
+
+def test_json_of_the_wrong_shape_is_a_422(server_url: str) -> None:
+    for body in (b"[]", b'"items"', b"null"):
+        got = httpx.post(f"{server_url}/reward", content=body, headers={"content-type": "application/json"})
+        assert got.status_code == 422, got.text
+
+
+@pytest.mark.parametrize("body,field", [
+    ({"items": [{"query": "q", "response": "r", "refrence": "typo"}]}, ["body", "items", 0, "refrence"]),
+    ({"items": [{"query": "q", "response": "r"}], "return_component": True}, ["body", "return_component"]),
+    ({"items": [], "return_components": "yes"}, ["body", "return_components"]),
+    ({"items": [], "return_components": 1}, ["body", "return_components"]),
+    ({"items": [{"query": "q", "response": "r", "reference": 7}]}, ["body", "items", 0, "reference"]),
+])
+def test_reward_refuses_unknown_fields_and_coercion(server_url: str, body: dict, field: list) -> None:
+    """A misspelt `reference` would silently move a closed query to the open branch."""
+    got = post(server_url, "/reward", body)
     assert got.status_code == 422
+    errors = got.json()["detail"]
+    assert field in [error["loc"] for error in errors]
+    assert all(error["type"] in {"extra_forbidden", "bool_type", "string_type"} for error in errors)
+
+
+def test_get_reward_ignores_keys_it_does_not_know_and_says_so(server_url: str) -> None:
+    prompt = "USER: Name a primary colour. ASSISTANT:"
+    body = {"query": [prompt + " Blue."], "prompts": [prompt], "labels": [{"reference": "Blue.", "x": 1}],
+            "some_future_openrlhf_key": [1]}
+    plain = {"query": [prompt + " Blue."], "prompts": [prompt], "labels": [{"reference": "Blue."}]}
+    assert post(server_url, "/get_reward", body).json()["rewards"] == \
+        post(server_url, "/get_reward", plain).json()["rewards"]
+    schema = httpx.get(f"{server_url}/openapi.json").json()["components"]["schemas"]
+    assert schema["GetRewardRequest"]["additionalProperties"] is True
+    assert schema["RewardRequest"]["additionalProperties"] is False
+    assert schema["RewardItem"]["additionalProperties"] is False
+
+
+def test_lone_surrogates_score_as_replacement_characters(server_url: str) -> None:
+    """JSON may carry half a UTF-16 surrogate pair, which no encoder accepts: never a 500."""
+    raw = b'{"items": [{"query": "\\ud800 lone", "response": "\\udfff x y z", "reference": "\\ud83d"}],' \
+          b' "return_components": true}'
+    got = httpx.post(f"{server_url}/reward", content=raw, headers={"content-type": "application/json"},
+                     timeout=60)
+    assert got.status_code == 200, got.text
+    same = post(server_url, "/reward", {"items": [{"query": "\ufffd lone", "response": "\ufffd x y z",
+                                                   "reference": "\ufffd"}], "return_components": True})
+    assert got.json() == same.json() and math.isfinite(got.json()["rewards"][0])
+    raw = b'{"query": ["USER: \\ud800 hi ASSISTANT: \\udc00 yo"], "labels": ["\\udbff"]}'
+    got = httpx.post(f"{server_url}/get_reward", content=raw, headers={"content-type": "application/json"})
+    assert got.status_code == 200 and math.isfinite(got.json()["rewards"][0])
+
+
+@pytest.mark.parametrize("page,asset", [("/docs", "swagger-ui-bundle.js"), ("/redoc", "redoc.standalone.js")])
+def test_api_docs_need_no_network(server_url: str, page: str, asset: str) -> None:
+    """Every script and style of the docs pages is served by the service itself."""
+    html = httpx.get(f"{server_url}{page}").text
+    assert f"/docs-assets/{asset}" in html
+    assert "http://" not in html and "https://" not in html  # no CDN, no web fonts
+    got = httpx.get(f"{server_url}/docs-assets/{asset}")
+    assert got.status_code == 200 and len(got.content) > 100_000
 
 
 def test_validation_errors_do_not_echo_the_input(server_url: str) -> None:

@@ -155,14 +155,22 @@ async def test_full_queue_refuses_at_once_and_recovers(embedding_model) -> None:
     model = RecordingModel(embedding_model, delay_s=0.2)
     limits = BatchLimits(max_tokens=600, max_size=4, max_wait_s=0.0, max_queue=10)
     async with running(model, limits) as scheduler:
-        big = asyncio.ensure_future(scheduler.embed(texts_of_varied_length(30), [False] * 30))
-        await asyncio.sleep(0.05)  # admitted: the queue was empty
+
+        async def request(texts: list[str]) -> torch.Tensor:
+            with scheduler.reserve(len(texts)):
+                return await scheduler.embed(texts, [False] * len(texts))
+
+        big = asyncio.ensure_future(request(texts_of_varied_length(30)))  # over the bound, but
+        await asyncio.sleep(0.05)  # admitted: nothing was reserved
         with pytest.raises(QueueFull) as refused:
-            await scheduler.embed(["one more text"], [False])
+            scheduler.reserve(1).__enter__()
         assert refused.value.retry_after_s >= 1 and "R3_MAX_QUEUE_ITEMS" in str(refused.value)
         assert (await big).shape == (30, embedding_model.info.dim)
-        assert (await scheduler.embed(["one more text"], [False])).shape[0] == 1  # recovered
-    assert counter(scheduler.metrics, "r3_queue_rejections_total") == 1
+        assert (await request(["one more text"])).shape[0] == 1  # recovered: the reservation went
+        with scheduler.reserve(6), scheduler.reserve(4):  # up to the bound fits
+            with pytest.raises(QueueFull):
+                scheduler.reserve(1).__enter__()
+    assert counter(scheduler.metrics, "r3_queue_rejections_total") == 2
 
 
 async def test_cancelled_request_drops_its_queued_work_but_not_shared_work(embedding_model) -> None:

@@ -29,6 +29,12 @@ QUERY_TYPE_KEYS = ("query_type", "qtype")
 QUERY_KEYS = ("query", "question", "prompt")
 
 _C = TypeVar("_C")
+
+
+class MissingQuery(ValueError):
+    """A sample whose query cannot be found: scoring it against an empty query would be a wrong
+    reward that looks right, so it is refused."""
+
 _WHITESPACE = re.compile(r"\s+")
 
 
@@ -157,9 +163,14 @@ def trl_items(
     n = len(prompts)
     references = _per_sample(columns, (reference_key,) if reference_key else REFERENCE_KEYS, n)
     query_types = _per_sample(columns, (query_type_key,) if query_type_key else QUERY_TYPE_KEYS, n)
+    queries = [query_text(p) for p in prompts]
+    for index, query in enumerate(queries):
+        if not query.strip():
+            raise MissingQuery(f"prompts[{index}] holds no query: expected the prompt text or a chat "
+                               "message list with a user turn; R3 cannot score relevance against nothing")
     return [
-        RewardItem(query_text(p), response_text(c), reference, query_type)
-        for p, c, reference, query_type in zip(prompts, completions, references, query_types, strict=True)
+        RewardItem(q, response_text(c), reference, query_type)
+        for q, c, reference, query_type in zip(queries, completions, references, query_types, strict=True)
     ]
 
 
@@ -255,6 +266,11 @@ def verl_item(solution_str: str, ground_truth: Any, extra_info: Any = None) -> R
         if isinstance(value, str) or _turns(value, "user"):
             query = query_text(value)
             break
+    if not query.strip():
+        raise MissingQuery(
+            f"verl sample has no query: extra_info needs one of {', '.join(QUERY_KEYS)} holding the "
+            f"prompt text or its chat messages (extra_info keys: {sorted(map(str, extra)) or 'none'}); "
+            "R3 cannot score relevance against nothing")
     truth = _plain(ground_truth)
     truth = truth if isinstance(truth, Mapping) else {"reference": truth}
     query_type = _first_str(truth, ("query_type",)) or _first_str(extra, QUERY_TYPE_KEYS)

@@ -12,12 +12,15 @@ from pathlib import Path
 from typing import TypeVar
 
 from fastapi import FastAPI, HTTPException, Request, Response
+from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.datastructures import State
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from r3_service.api.docs import mount_docs
 from r3_service.api.openrlhf import SampleError, to_raw_items
 from r3_service.api.schemas import (
     Components,
@@ -28,7 +31,7 @@ from r3_service.api.schemas import (
     RewardResponse,
 )
 from r3_service.backends.r3 import Scored
-from r3_service.engine.engine import RawItem, RewardEngine, UnknownBackend
+from r3_service.engine.engine import BodySize, RawItem, RewardEngine, UnknownBackend
 from r3_service.engine.scheduler import QueueFull
 from r3_service.metrics import Metrics
 from r3_service.settings import Settings
@@ -38,7 +41,8 @@ log = logging.getLogger("r3_service")
 
 T = TypeVar("T")
 ENDPOINTS = {"/reward", "/get_reward", "/healthz", "/readyz", "/metrics", "/v1/info"}
-ERRORS = {400: {"model": ErrorResponse, "description": "The body is not JSON text (e.g. not UTF-8)"},
+ERRORS = {400: {"model": ErrorResponse, "description": "The body is not JSON: invalid JSON, not UTF-8, "
+                                                       "or not sent as application/json"},
           401: {"model": ErrorResponse, "description": "Missing or invalid API key (when keys are set)"},
           413: {"model": ErrorResponse, "description": "Over a configured limit"},
           422: {"description": "Invalid input; the message names the field"},
@@ -178,6 +182,43 @@ class BodyLimit:
         return f"request body exceeds the limit of {self.max_bytes} bytes (R3_MAX_BODY_BYTES)"
 
 
+SCORING_PATHS = {"/reward", "/get_reward"}
+
+
+def body_size(scope: Scope) -> BodySize | None:
+    """The declared size of a scoring request's body (None without a Content-Length)."""
+    declared = dict(scope["headers"]).get(b"content-length", b"")
+    return BodySize(scope["path"], int(declared)) if declared.isdigit() else None
+
+
+def too_busy(error: QueueFull) -> JSONResponse:
+    return JSONResponse({"detail": str(error)}, status_code=429,
+                        headers={"Retry-After": str(error.retry_after_s)})
+
+
+class EarlyRefusal:
+    """429 before the body is read, when by its size the request cannot fit on the model queues
+    (`RewardEngine.refuse_early`): under a burst, refusals cost no parsing and come back in
+    milliseconds. The connection closes, since its body was never read."""
+
+    def __init__(self, app: ASGIApp, state: State) -> None:
+        self.app = app
+        self.state = state
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        engine: RewardEngine | None = getattr(self.state, "engine", None)
+        body = body_size(scope) if scope["type"] == "http" and scope["path"] in SCORING_PATHS else None
+        if engine is not None and body is not None:
+            try:
+                engine.refuse_early(body)
+            except QueueFull as error:
+                response = too_busy(error)
+                response.headers["Connection"] = "close"
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
 def check_limits(settings: Settings, count: int, texts: dict[str, str | None]) -> None:
     """413 naming the limit: items per request, then characters per text."""
     if count > settings.max_items:
@@ -187,6 +228,19 @@ def check_limits(settings: Settings, count: int, texts: dict[str, str | None]) -
         if text is not None and len(text) > settings.max_text_chars:
             raise HTTPException(413, f"{field} has {len(text)} characters, over the limit of "
                                      f"{settings.max_text_chars} (R3_MAX_TEXT_CHARS)")
+
+
+def not_json_detail(error: RequestValidationError) -> str | None:
+    """The 400 message when the body is not a JSON document at all (None when it is JSON of
+    the wrong shape, a 422)."""
+    for e in error.errors():
+        if e["type"] == "json_invalid":
+            position = e["loc"][1] if len(e["loc"]) > 1 else "?"
+            reason = (e.get("ctx") or {}).get("error", "invalid JSON")
+            return f"the body is not valid JSON: {reason} at character {position}"
+    if isinstance(error.body, bytes):  # FastAPI did not parse it: not sent as JSON
+        return "the body is not JSON: send it with Content-Type: application/json"
+    return None
 
 
 def components(scored: Scored) -> Components:
@@ -241,9 +295,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         yield
         await engine.close()
 
-    app = FastAPI(title="r3", version="0.1.0", lifespan=lifespan,
+    app = FastAPI(title="r3", version="0.1.0", lifespan=lifespan, docs_url=None, redoc_url=None,
                   description="R3 (Regularized Relevance Reward) scoring for RL fine-tuning of LLMs.")
-    # Outermost last: Observe → ApiKeys → BodyLimit → Draining → routes.
+    mount_docs(app)
+    # Outermost last: Observe → ApiKeys → BodyLimit → Draining → EarlyRefusal → routes.
+    app.add_middleware(EarlyRefusal, state=app.state)
     app.add_middleware(Draining, state=app.state)
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
     if settings.api_keys:
@@ -258,14 +314,22 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, error: RequestValidationError) -> JSONResponse:
+        not_json = not_json_detail(error)
+        if not_json is not None:
+            return JSONResponse({"detail": not_json}, status_code=400)
         # FastAPI's default echoes the input back, which can be megabytes of user text.
         detail = [{"loc": list(e["loc"]), "msg": e["msg"], "type": e["type"]} for e in error.errors()]
         return JSONResponse({"detail": detail}, status_code=422)
 
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, error: StarletteHTTPException) -> Response:
+        if isinstance(error.__cause__, UnicodeDecodeError):  # FastAPI's "error parsing the body"
+            return JSONResponse({"detail": "the body is not JSON: it is not valid UTF-8 text"}, 400)
+        return await http_exception_handler(request, error)
+
     @app.exception_handler(QueueFull)
     async def overloaded(request: Request, error: QueueFull) -> JSONResponse:
-        return JSONResponse({"detail": str(error)}, status_code=429,
-                            headers={"Retry-After": str(error.retry_after_s)})
+        return too_busy(error)
 
     @app.exception_handler(Exception)
     async def crashed(request: Request, error: Exception) -> JSONResponse:
@@ -279,7 +343,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             name = engine.backend(backend).name
         except UnknownBackend as error:
             raise HTTPException(422, str(error)) from None
-        results = await unless_disconnected(request, engine.score(items, name))
+        results = await unless_disconnected(request, engine.score(items, name, body_size(request.scope)))
         metrics.items.labels(endpoint, name).inc(len(items))
         return name, results
 

@@ -2,15 +2,29 @@
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field
 
 from r3_service.querytypes import QueryType, parse_query_type
 
 
 def _query_type(value: object) -> object:
     return parse_query_type(value) if isinstance(value, str) else value
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def replace_lone_surrogates(text: str) -> str:
+    """JSON may escape half of a UTF-16 surrogate pair (`"\\ud800"`), which no encoder accepts:
+    each such half becomes U+FFFD, as a decoder does with invalid bytes (a whole pair arrives
+    as one character and is kept)."""
+    return _SURROGATE.sub("\ufffd", text)
+
+
+Text = Annotated[str, AfterValidator(replace_lone_surrogates)]
 
 
 QueryTypeIn = Annotated[
@@ -21,15 +35,23 @@ QueryTypeIn = Annotated[
 ]
 
 
+# Unknown fields are refused, not ignored: a misspelt `reference` must not silently change a
+# reward; no coercion either ("yes" is not a boolean).
+STRICT = ConfigDict(extra="forbid", strict=True)
+TEXT_NOTE = " A lone UTF-16 surrogate escape becomes U+FFFD."
+
+
 class RewardItem(BaseModel):
-    query: str = Field(description="The user's request; a chat template is removed if present.")
-    response: str = Field(description="The policy's rollout text.")
-    reference: str | None = Field(None, description="Reference answer; empty = none (store lookup).")
+    model_config = STRICT
+
+    query: Text = Field(description="The user's request; a chat template is removed if present.")
+    response: Text = Field(description="The policy's rollout text." + TEXT_NOTE)
+    reference: Text | None = Field(None, description="Reference answer; empty = none (store lookup).")
     query_type: QueryTypeIn = None
 
 
 class RewardRequest(BaseModel):
-    model_config = ConfigDict(json_schema_extra={"examples": [{
+    model_config = ConfigDict(**STRICT, json_schema_extra={"examples": [{
         "items": [{"query": "What is the capital of France?", "response": "Paris is the capital.",
                    "reference": "The capital of France is Paris.", "query_type": "closed"}],
         "return_components": True,
@@ -59,23 +81,30 @@ class RewardResponse(BaseModel):
     components: list[Components] | None = None
 
 
+# OpenRLHF owns this contract and may send keys of its own: they are ignored, and the schema
+# says so (additionalProperties: true).
+OPENRLHF = ConfigDict(extra="ignore", json_schema_extra={"additionalProperties": True})
+
+
 class Label(BaseModel):
-    reference: str | None = None
+    model_config = OPENRLHF
+
+    reference: Text | None = None
     query_type: QueryTypeIn = None
 
 
 class GetRewardRequest(BaseModel):
-    """OpenRLHF's remote reward-model contract."""
+    """OpenRLHF's remote reward-model contract. Keys other than these are ignored."""
 
-    model_config = ConfigDict(json_schema_extra={"examples": [{
+    model_config = ConfigDict(extra="ignore", json_schema_extra={"additionalProperties": True, "examples": [{
         "query": ["USER: Name a primary colour. ASSISTANT: Red is a primary colour."],
         "prompts": ["USER: Name a primary colour. ASSISTANT:"],
         "labels": [{"reference": "Red, yellow and blue.", "query_type": "closed"}],
     }]})
 
-    query: list[str] = Field(description="prompt + response, chat template included.")
-    prompts: list[str] | None = Field(None, description="The prompt part of each query.")
-    labels: list[str | Label | None] | None = Field(
+    query: list[Text] = Field(description="prompt + response, chat template included." + TEXT_NOTE)
+    prompts: list[Text] | None = Field(None, description="The prompt part of each query.")
+    labels: list[Text | Label | None] | None = Field(
         None, description="A reference string, or {reference, query_type}, per query.")
     backend: str | None = None
 

