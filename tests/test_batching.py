@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import random
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -13,8 +14,9 @@ import httpx
 import pytest
 import torch
 
-from conftest import ServiceProcess, start_service
+from conftest import DATA, ServiceProcess, start_service
 from r3_service.engine.scheduler import BatchLimits, EmbeddingScheduler, QueueFull, ReadyQueue, _Entry
+from r3_service.loadgen import make_pairs
 from r3_service.metrics import Metrics
 
 
@@ -167,9 +169,8 @@ async def test_full_queue_refuses_at_once_and_recovers(embedding_model) -> None:
         assert refused.value.retry_after_s >= 1 and "R3_MAX_QUEUE_ITEMS" in str(refused.value)
         assert (await big).shape == (30, embedding_model.info.dim)
         assert (await request(["one more text"])).shape[0] == 1  # recovered: the reservation went
-        with scheduler.reserve(6), scheduler.reserve(4):  # up to the bound fits
-            with pytest.raises(QueueFull):
-                scheduler.reserve(1).__enter__()
+        with scheduler.reserve(6), scheduler.reserve(4), pytest.raises(QueueFull):  # up to the bound fits
+            scheduler.reserve(1).__enter__()
     assert counter(scheduler.metrics, "r3_queue_rejections_total") == 2
 
 
@@ -232,6 +233,65 @@ async def test_http_disconnect_drops_queued_work(tight: ServiceProcess, tmp_path
     assert dropped() > before
     ok = httpx.post(f"{tight.url}/reward", json={"items": long_items(2, "after")}, timeout=60)
     assert ok.status_code == 200 and len(ok.json()["rewards"]) == 2
+
+
+async def post_raw(url: str, path: str, body: bytes, *, declared: int | None = None,
+                   timeout: float = 120) -> tuple[int, dict[str, str], float]:
+    """(status, headers, seconds) of one POST on its own connection, as a plain HTTP/1.1 client
+    sends it; `declared` sends that Content-Length and only `body`, then waits for the answer."""
+    host, port = url.removeprefix("http://").split(":")
+    started = time.perf_counter()
+    reader, writer = await asyncio.open_connection(host, int(port))
+    try:
+        writer.write(f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+                     f"Content-Length: {declared or len(body)}\r\n\r\n".encode() + body)
+        await writer.drain()
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout)
+    finally:
+        writer.close()
+    lines = head.decode().split("\r\n")
+    headers = dict(line.lower().split(": ", 1) for line in lines[1:] if ": " in line)
+    return int(lines[0].split()[1]), headers, time.perf_counter() - started
+
+
+def reward_body(items: list[dict]) -> bytes:
+    return json.dumps({"items": items}).encode()
+
+
+async def test_a_burst_past_the_bound_is_refused_before_any_admitted_work_finishes(
+        tight: ServiceProcess) -> None:
+    """Refusals cost no waiting: they must not sit behind the classification or scoring of the
+    requests admitted before them (they once came back after 7-8 s)."""
+    bodies = [reward_body(long_items(8, f"burst{r}")) for r in range(16)]  # 16 texts each, bound 32
+    answers = await asyncio.gather(*(post_raw(tight.url, "/reward", body) for body in bodies))
+    refused = [seconds for status, _, seconds in answers if status == 429]
+    done = [seconds for status, _, seconds in answers if status == 200]
+    assert len(done) + len(refused) == len(bodies) and done and len(refused) >= len(bodies) // 2
+    assert max(refused) < min(done)
+
+
+async def test_a_request_that_cannot_fit_is_refused_before_its_body_is_read(tight: ServiceProcess) -> None:
+    async with httpx.AsyncClient(base_url=tight.url, timeout=120) as client:
+        await client.post("/reward", json={"items": long_items(2, "teach")})  # learns bytes per text
+        big = asyncio.ensure_future(client.post("/reward", json={"items": long_items(150, "hog")}))
+        await asyncio.sleep(0.5)
+        body = reward_body(long_items(100, "never sent"))
+        status, headers, _ = await post_raw(tight.url, "/reward", body[:100], declared=len(body), timeout=20)
+        assert not big.done()
+        assert status == 429 and int(headers["retry-after"]) >= 1 and headers["connection"] == "close"
+        assert (await big).status_code == 200
+
+
+def test_a_rollout_batch_in_concurrent_requests_is_queued_not_refused(server_url: str) -> None:
+    """1,024 labelled items in 16 concurrent 64-item requests from a plain client, with default
+    settings: the service clears them well within a client's timeout, so none may get a 429."""
+    pairs = make_pairs(DATA, 1024, grouped=False)
+    bodies = [reward_body([pair.item() for pair in pairs[i:i + 64]]) for i in range(0, 1024, 64)]
+
+    async def burst() -> list[tuple[int, dict[str, str], float]]:
+        return await asyncio.gather(*(post_raw(server_url, "/reward", body, timeout=300) for body in bodies))
+
+    assert [status for status, _, _ in asyncio.run(burst())] == [200] * 16
 
 
 def test_concurrent_http_requests_score_as_they_would_alone(server_url: str) -> None:

@@ -548,15 +548,37 @@ def test_verl_compute_score_batch(server: ScriptedServer, monkeypatch: MonkeyPat
         ["a", "b", "c"],
         ["x", "yy", "zzz"],
         ["ref", None, 42],
-        [{"prompt": [{"role": "user", "content": "Hi  there"}], "qtype": "CONSTRAINED"}, None, {"query": 1}],
+        [{"prompt": [{"role": "user", "content": "Hi  there"}], "qtype": "CONSTRAINED"},
+         {"question": "Why?"}, {"query": 1, "prompt": "Who?"}],
     )
     assert scores == [1.0, 2.0, 3.0]
     assert server.requests[0].body["items"] == [
         {"query": "Hi there", "response": "x", "reference": "ref", "query_type": "CONSTRAINED"},
-        {"query": "", "response": "yy"},
-        {"query": "", "response": "zzz"},
+        {"query": "Why?", "response": "yy"},
+        {"query": "Who?", "response": "zzz"},
     ]
     assert server.requests[0].body["backend"] is None
+
+
+@pytest.mark.parametrize("extra_info", [None, {}, {"index": 3}, {"query": 1}, {"prompt": "  "},
+                                        {"prompt": [{"role": "user", "content": ""}]}])
+def test_verl_refuses_a_sample_with_no_query(server: ScriptedServer, monkeypatch: MonkeyPatch,
+                                             extra_info: object) -> None:
+    """Scoring against an empty query gives a wrong reward that looks right (0.003 for a 4.9 answer)."""
+    monkeypatch.setenv("R3_URL", server.url)
+    with pytest.raises(adapters.MissingQuery, match="extra_info needs one of query, question, prompt"):
+        adapters.compute_score("alpaca", "Paris.", "Paris is the capital.", extra_info=extra_info)
+    with pytest.raises(adapters.MissingQuery, match="extra_info keys"):
+        adapters.compute_score_batch(["a", "b"], ["x", "y"], [None, None], [{"query": "Hi"}, extra_info])
+    assert server.requests == []  # refused before any request
+
+
+@pytest.mark.parametrize("prompts", [["", "fine"], ["fine", [{"role": "user", "content": "  "}]], ["ok", 3]])
+def test_trl_refuses_a_prompt_with_no_query(prompts: list, server: ScriptedServer) -> None:
+    reward_func = adapters.make_reward_func(server.url)
+    with pytest.raises(adapters.MissingQuery, match=r"prompts\[1\]|prompts\[0\]"):
+        reward_func(prompts=prompts, completions=["a", "b"])
+    assert server.requests == []
 
 
 def test_verl_client_is_one_per_process_and_url(server: ScriptedServer, monkeypatch: MonkeyPatch) -> None:
