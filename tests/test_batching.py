@@ -16,7 +16,7 @@ import torch
 
 from conftest import DATA, ServiceProcess, start_service
 from r3_service.engine.scheduler import BatchLimits, EmbeddingScheduler, QueueFull, ReadyQueue, _Entry
-from r3_service.loadgen import make_pairs
+from r3_service.loadgen import make_pairs, post_plain
 from r3_service.metrics import Metrics
 
 
@@ -235,25 +235,6 @@ async def test_http_disconnect_drops_queued_work(tight: ServiceProcess, tmp_path
     assert ok.status_code == 200 and len(ok.json()["rewards"]) == 2
 
 
-async def post_raw(url: str, path: str, body: bytes, *, declared: int | None = None,
-                   timeout: float = 120) -> tuple[int, dict[str, str], float]:
-    """(status, headers, seconds) of one POST on its own connection, as a plain HTTP/1.1 client
-    sends it; `declared` sends that Content-Length and only `body`, then waits for the answer."""
-    host, port = url.removeprefix("http://").split(":")
-    started = time.perf_counter()
-    reader, writer = await asyncio.open_connection(host, int(port))
-    try:
-        writer.write(f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
-                     f"Content-Length: {declared or len(body)}\r\n\r\n".encode() + body)
-        await writer.drain()
-        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout)
-    finally:
-        writer.close()
-    lines = head.decode().split("\r\n")
-    headers = dict(line.lower().split(": ", 1) for line in lines[1:] if ": " in line)
-    return int(lines[0].split()[1]), headers, time.perf_counter() - started
-
-
 def reward_body(items: list[dict]) -> bytes:
     return json.dumps({"items": items}).encode()
 
@@ -263,9 +244,15 @@ async def test_a_burst_past_the_bound_is_refused_before_any_admitted_work_finish
     """Refusals cost no waiting: they must not sit behind the classification or scoring of the
     requests admitted before them (they once came back after 7-8 s)."""
     bodies = [reward_body(long_items(8, f"burst{r}")) for r in range(16)]  # 16 texts each, bound 32
-    answers = await asyncio.gather(*(post_raw(tight.url, "/reward", body) for body in bodies))
-    refused = [seconds for status, _, seconds in answers if status == 429]
-    done = [seconds for status, _, seconds in answers if status == 200]
+    started = time.perf_counter()
+
+    async def timed(body: bytes) -> tuple[int, float]:
+        status, _ = await post_plain(tight.url, "/reward", body)
+        return status, time.perf_counter() - started
+
+    answers = await asyncio.gather(*(timed(body) for body in bodies))
+    refused = [seconds for status, seconds in answers if status == 429]
+    done = [seconds for status, seconds in answers if status == 200]
     assert len(done) + len(refused) == len(bodies) and done and len(refused) >= len(bodies) // 2
     assert max(refused) < min(done)
 
@@ -276,7 +263,7 @@ async def test_a_request_that_cannot_fit_is_refused_before_its_body_is_read(tigh
         big = asyncio.ensure_future(client.post("/reward", json={"items": long_items(150, "hog")}))
         await asyncio.sleep(0.5)
         body = reward_body(long_items(100, "never sent"))
-        status, headers, _ = await post_raw(tight.url, "/reward", body[:100], declared=len(body), timeout=20)
+        status, headers = await post_plain(tight.url, "/reward", body[:100], declared=len(body), timeout=20)
         assert not big.done()
         assert status == 429 and int(headers["retry-after"]) >= 1 and headers["connection"] == "close"
         assert (await big).status_code == 200
@@ -288,10 +275,12 @@ def test_a_rollout_batch_in_concurrent_requests_is_queued_not_refused(server_url
     pairs = make_pairs(DATA, 1024, grouped=False)
     bodies = [reward_body([pair.item() for pair in pairs[i:i + 64]]) for i in range(0, 1024, 64)]
 
-    async def burst() -> list[tuple[int, dict[str, str], float]]:
-        return await asyncio.gather(*(post_raw(server_url, "/reward", body, timeout=300) for body in bodies))
+    async def burst() -> list[tuple[int, dict[str, str]]]:
+        return await asyncio.gather(*(post_plain(server_url, "/reward", b, timeout=300) for b in bodies))
 
-    assert [status for status, _, _ in asyncio.run(burst())] == [200] * 16
+    statuses = [status for status, _ in asyncio.run(burst())]
+    bound = httpx.get(f"{server_url}/v1/info").json()["models"][0]["max_queue_items"]
+    assert statuses == [200] * 16, f"queue bound {bound} texts"
 
 
 def test_concurrent_http_requests_score_as_they_would_alone(server_url: str) -> None:

@@ -34,7 +34,8 @@ def test_installed_packages_match_constraints() -> None:
 def test_every_declared_dependency_is_pinned() -> None:
     """A dependency added to pyproject.toml without `bash scripts/lock.sh` would float."""
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    declared = [*project["dependencies"], *(r for rs in project["optional-dependencies"].values() for r in rs)]
+    extras = project["optional-dependencies"].values()
+    declared = [*project["dependencies"], *(r for requirements in extras for r in requirements)]
     names = {canonicalize_name(Requirement(r).name) for r in declared} - {"r3-reward", "torch"}
     assert names - set(pins()) == set()
 

@@ -97,3 +97,12 @@ def test_report_against_the_live_service(server_url: str, tmp_path: Path) -> Non
     assert sum(row["requests_per_s"] for row in report["timeline"]) == 8
     assert "api_key" not in report["config"]
     assert (tmp_path / "run.png").stat().st_size > 10_000
+
+
+def test_burst_sends_every_request_at_once_and_reports_by_status(server_url: str, tmp_path: Path) -> None:
+    out = tmp_path / "burst.json"
+    code = main(["--url", server_url, "--burst", "6", "--mix", "2,openrlhf", "--json", str(out)])
+    summary = json.loads(out.read_text())["summary"]
+    assert code == 0 and summary["requests"] == summary["ok"] == 6
+    assert set(summary["latency_ms_by_status"]) == {"200"}
+    assert summary["latency_ms_by_status"]["200"]["max"] == summary["latency_ms"]["max"]

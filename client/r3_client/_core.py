@@ -348,7 +348,7 @@ class ClientBase(Generic[_H]):
         http_client: _H | None,
         make_http_client: Callable[[httpx.Timeout], _H],
         *,
-        timeout: float = 60.0,
+        timeout: float = 180.0,
         max_retries: int = 5,
         backoff: float = 0.5,
         max_backoff: float = 20.0,

@@ -8,6 +8,7 @@ and `r3-serve` started in its own process. Needs httpx only (no torch): it runs 
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import random
 import subprocess
@@ -16,6 +17,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
+from urllib.parse import urlsplit
 
 import httpx
 
@@ -285,6 +287,53 @@ async def send(client: httpx.AsyncClient, request: Request, started: float, orig
     finally:
         outcome.latency = time.perf_counter() - started
     return outcome
+
+
+async def post_plain(url: str, path: str, body: bytes, *, headers: dict[str, str] | None = None,
+                     declared: int | None = None, timeout: float = 120.0) -> tuple[int, dict[str, str]]:
+    """(status, headers) of one POST on a connection of its own, as a plain HTTP/1.1 client sends
+    it: no pool, so a burst of hundreds measures the server, not a client library (httpx's pool
+    alone added ~2 s to 400 simultaneous requests here). `declared` sends that Content-Length with
+    only `body`, then waits for the answer: a server that answers must not have read the rest."""
+    parts = urlsplit(url)
+    host, port = parts.hostname or "127.0.0.1", parts.port or 80
+    head = {"Host": f"{host}:{port}", "Content-Type": "application/json",
+            "Content-Length": str(len(body) if declared is None else declared), **(headers or {})}
+    reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout)
+    try:
+        request = f"POST {path} HTTP/1.1\r\n" + "".join(f"{k}: {v}\r\n" for k, v in head.items()) + "\r\n"
+        writer.write(request.encode() + body)
+        await writer.drain()
+        answer = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout)
+    finally:
+        writer.close()
+    status_line, *lines = answer.decode("latin-1").split("\r\n")
+    fields = dict(line.split(":", 1) for line in lines if ":" in line)
+    return int(status_line.split()[1]), {k.strip().lower(): v.strip() for k, v in fields.items()}
+
+
+async def burst(target: Target, workload: Workload, count: int) -> Run:
+    """`count` requests at once, each on its own connection, all timed from the same instant: a
+    trainer's rollout batch arriving in one go. Bodies are encoded before the clock starts."""
+    requests = [workload.next() for _ in range(count)]
+    bodies = [json.dumps(r.body).encode() for r in requests]
+    outcomes: list[Outcome] = []
+    origin = time.perf_counter()
+
+    async def one(request: Request, body: bytes) -> None:
+        outcome = Outcome(0.0, request.items)
+        outcomes.append(outcome)
+        try:
+            outcome.status, headers = await post_plain(target.url, request.path, body,
+                                                       headers=target.headers, timeout=target.timeout)
+            outcome.retry_after = headers.get("retry-after")
+        except (OSError, asyncio.IncompleteReadError, TimeoutError) as error:
+            outcome.error = type(error).__name__
+        finally:
+            outcome.latency = time.perf_counter() - origin
+
+    await asyncio.gather(*(one(r, b) for r, b in zip(requests, bodies, strict=True)))
+    return Run(outcomes, time.perf_counter() - origin, origin)
 
 
 async def finish(tasks: list[asyncio.Future], hard_stop: float | None) -> None:

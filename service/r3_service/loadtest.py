@@ -3,6 +3,8 @@
 Open loop (`--rate R`): request i is due at i/R seconds and its latency counts from then, so a
 slow server cannot slow the arrivals down and hide its own queueing (coordinated omission).
 Closed loop (`--users N`): N clients, each sending as soon as its last answer came back.
+Burst (`--burst N`): N requests at once, each on its own plain HTTP/1.1 connection, as a trainer
+sends a whole rollout batch; latency is reported per status (how fast are the 429s?).
 Requests are drawn from a mix of shapes: N distinct items, `grpoN` (one prompt, N responses)
 and `openrlhf` (one /get_reward sample), from AlpacaFarm pairs. Reports throughput, latency
 percentiles, errors by HTTP status and by exception, as JSON and a PNG over time.
@@ -26,6 +28,7 @@ from r3_service.loadgen import (
     Run,
     Target,
     Workload,
+    burst,
     closed_loop,
     make_pairs,
     open_loop,
@@ -61,6 +64,9 @@ def summarize(run: Run) -> dict:
         "requests": len(run.outcomes), "ok": len(ok), "errors": run.errors,
         "elapsed_s": run.elapsed, "requests_per_s": len(ok) / elapsed, "items_per_s": run.items_ok / elapsed,
         "latency_ms": percentiles(run.latencies),
+        "latency_ms_by_status": {
+            str(status): percentiles([o.latency for o in run.outcomes if o.status == status])
+            for status in sorted({o.status for o in run.outcomes if o.status})},
         "errors_by_status": dict(statuses), "errors_by_exception": dict(exceptions),
         "mean_retry_after_s": sum(retry_after) / len(retry_after) if retry_after else None,
     }
@@ -133,6 +139,9 @@ def describe(summary: dict) -> str:
     if lat:
         text += (f"\nlatency ms: p50 {lat['p50']:.0f}  p95 {lat['p95']:.0f}  p99 {lat['p99']:.0f}  "
                  f"max {lat['max']:.0f}")
+    for status, by in summary["latency_ms_by_status"].items():
+        if status != "200":
+            text += f"\n{status} answers ms: p50 {by['p50']:.0f}  p99 {by['p99']:.0f}  max {by['max']:.0f}"
     for label, key in (("by status", "errors_by_status"), ("by exception", "errors_by_exception")):
         if summary[key]:
             text += f"\nerrors {label}: " + ", ".join(f"{k} x{v}" for k, v in sorted(summary[key].items()))
@@ -151,6 +160,8 @@ def target_of(args: argparse.Namespace) -> Target:
 
 
 async def drive(args: argparse.Namespace, target: Target, workload: Workload) -> Run:
+    if args.burst:
+        return await burst(target, workload, args.burst)
     if args.rate:
         return await open_loop(target, workload, args.rate, args.duration, args.drain)
     return await closed_loop(target, workload, args.users, args.duration, args.drain)
@@ -164,6 +175,8 @@ def parser() -> argparse.ArgumentParser:
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--rate", type=float, help="open loop: requests per second on a fixed schedule")
     mode.add_argument("--users", type=int, default=8, help="closed loop: concurrent clients (default 8)")
+    mode.add_argument("--burst", type=int, metavar="N",
+                      help="N requests at once, one plain HTTP/1.1 connection each, then stop")
     shape = p.add_mutually_exclusive_group()
     shape.add_argument("--mix", default=DEFAULT_MIX,
                        help=f"weighted request shapes: N items, grpoN, openrlhf (default {DEFAULT_MIX})")
@@ -195,7 +208,8 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as error:
         print(f"r3-loadtest: {error}", file=sys.stderr)
         return 2
-    mode = f"open loop {args.rate:g} req/s" if args.rate else f"closed loop {args.users} users"
+    mode = (f"burst of {args.burst}" if args.burst else f"open loop {args.rate:g} req/s" if args.rate
+            else f"closed loop {args.users} users")
     title = f"r3-loadtest {args.url}: {mode}, mix {','.join(str(s) for s, _ in workload.mix)}"
     run = asyncio.run(drive(args, target_of(args), workload))
     summary = summarize(run)

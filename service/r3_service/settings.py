@@ -145,8 +145,8 @@ class Settings(BaseSettings):
     max_queue_items: int | None = Field(
         None, gt=0, description="Distinct texts queued per model; beyond it, 429. None = what the "
                                 "model clears in `queue_seconds`, measured at start-up.")
-    queue_seconds: float = Field(30.0, gt=0, description="Work the measured queue bound holds: "
-                                 "half of the shortest usual client timeout (r3's client 60 s).")
+    queue_seconds: float = Field(60.0, gt=0, description="Work the measured queue bound holds: a third "
+                                 "of the 180 s OpenRLHF and r3's client wait per try, half of slime's 120 s.")
     embedding_cache_size: int = Field(50_000, ge=0, description="Query/reference embeddings kept (LRU).")
     tokenizer_threads: int = Field(2, gt=0, description="Threads tokenising ahead of the model.")
 

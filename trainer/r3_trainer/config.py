@@ -69,7 +69,7 @@ class TrainConfig:
     # -- reward service
     reward_url: str = "http://127.0.0.1:8000"
     reward_backend: str | None = "r3"  # a preset name; None = the service's default
-    reward_timeout_s: float = 60.0
+    reward_timeout_s: float = 180.0
     reward_max_retries: int = 5
     reward_backoff_s: float = 0.5
     reward_max_backoff_s: float = 20.0

@@ -59,7 +59,7 @@ class RewardScorer:
     """Owns an `AsyncRewardClient` on a private event loop thread (httpx pools are loop-bound)."""
 
     def __init__(
-        self, url: str, *, backend: str | None, deadline_s: float, timeout_s: float = 60.0,
+        self, url: str, *, backend: str | None, deadline_s: float, timeout_s: float = 180.0,
         max_retries: int = 5, backoff_s: float = 0.5, max_backoff_s: float = 20.0,
         chunk_size: int = 512, max_concurrency: int = 8, api_key: str | None = None,
     ) -> None:
