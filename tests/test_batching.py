@@ -159,18 +159,23 @@ async def test_full_queue_refuses_at_once_and_recovers(embedding_model) -> None:
     async with running(model, limits) as scheduler:
 
         async def request(texts: list[str]) -> torch.Tensor:
-            with scheduler.reserve(len(texts)):
+            scheduler.hold(len(texts))
+            try:
                 return await scheduler.embed(texts, [False] * len(texts))
+            finally:
+                scheduler.release(len(texts))
 
         big = asyncio.ensure_future(request(texts_of_varied_length(30)))  # over the bound, but
-        await asyncio.sleep(0.05)  # admitted: nothing was reserved
+        await asyncio.sleep(0.05)  # admitted: nothing was held
         with pytest.raises(QueueFull) as refused:
-            scheduler.reserve(1).__enter__()
+            scheduler.hold(1)
         assert refused.value.retry_after_s >= 1 and "R3_MAX_QUEUE_ITEMS" in str(refused.value)
         assert (await big).shape == (30, embedding_model.info.dim)
-        assert (await request(["one more text"])).shape[0] == 1  # recovered: the reservation went
-        with scheduler.reserve(6), scheduler.reserve(4), pytest.raises(QueueFull):  # up to the bound fits
-            scheduler.reserve(1).__enter__()
+        assert (await request(["one more text"])).shape[0] == 1  # recovered: the hold was released
+        scheduler.hold(6)
+        scheduler.hold(4)  # up to the bound fits
+        with pytest.raises(QueueFull):
+            scheduler.hold(1)
     assert counter(scheduler.metrics, "r3_queue_rejections_total") == 2
 
 

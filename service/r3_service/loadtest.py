@@ -189,7 +189,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--duration", type=float, default=30.0, help="seconds of arrivals (default 30)")
     p.add_argument("--drain", type=float, default=30.0,
                    help="hard stop: requests still running this long after --duration are cut off")
-    p.add_argument("--timeout", type=float, default=60.0, help="per-request timeout in seconds")
+    p.add_argument("--timeout", type=float, default=180.0, help="per-request timeout, seconds (default 180)")
     p.add_argument("--max-connections", type=int, default=256, help="open loop connection pool")
     p.add_argument("--api-key", help="sent as Authorization: Bearer KEY")
     p.add_argument("--data", type=Path, default=DATA)

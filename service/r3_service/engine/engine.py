@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import logging
 import math
+import statistics
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Iterator, Sequence
-from contextlib import ExitStack, contextmanager
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -31,7 +31,7 @@ from r3_service.backends.r3 import PRESETS, ResolvedItem, RuleParams, Scored
 from r3_service.backends.reward_model import RewardModel
 from r3_service.backends.templates import TEMPLATES, extract_query
 from r3_service.backends.text import GENERIC_STOP_STRINGS, clean_response
-from r3_service.engine.scheduler import BatchLimits, BatchModel, EmbeddingScheduler
+from r3_service.engine.scheduler import BatchLimits, BatchModel, EmbeddingScheduler, QueueFull
 from r3_service.metrics import Metrics
 from r3_service.querytypes import QueryType
 from r3_service.settings import DEFAULT_MODEL, EnsembleSpec, R3BackendSpec, RewardModelSpec, Settings
@@ -52,7 +52,27 @@ class RawItem:
     stop_strings: tuple[str, ...] = field(default=())
 
 
-RECENT_REQUESTS = 64  # whose bytes per text bound the early refusal's estimate
+RECENT_REQUESTS = 64  # whose bytes per text estimate an unread body's texts
+PRIOR_BYTES_PER_TEXT = 500.0  # before any request: about a 100-token text in JSON
+
+
+class Admission:
+    """Texts held on model queues for one request in flight; released once, however often asked."""
+
+    def __init__(self, queues: Sequence[EmbeddingScheduler], texts: int) -> None:
+        for index, queue in enumerate(queues):
+            try:
+                queue.hold(texts)
+            except QueueFull:
+                for held in queues[:index]:
+                    held.release(texts)
+                raise
+        self._queues, self.texts = tuple(queues), texts
+
+    def release(self) -> None:
+        for queue in self._queues:
+            queue.release(self.texts)
+        self._queues = ()
 
 
 @dataclass(frozen=True)
@@ -261,43 +281,43 @@ class RewardEngine:
             raise UnknownBackend(name, list(self.backends))
         return self.backends[name]
 
-    async def score(self, items: Sequence[RawItem], backend: str | None = None,
-                    body: BodySize | None = None) -> list[Scored]:
-        """Rewards in item order; raises QueueFull before doing any work when a model's queue is
-        full. `body`, the request's size, teaches `refuse_early` its bytes per text."""
+    async def score(self, items: Sequence[RawItem], backend: str | None = None, body: BodySize | None = None,
+                    early: Admission | None = None) -> list[Scored]:
+        """Rewards in item order. Raises QueueFull before any work when the request does not fit
+        on a model's queue; `early` (from `admit_early`) is swapped for the exact admission, and
+        `body` teaches `admit_early` its bytes per text."""
         chosen = self.backend(backend)
-        with self._admitted(chosen, items, body):
+        admission = self._admit(chosen, items, body, early)
+        try:
             return await chosen.score(await self._resolve(items, classify=chosen.uses_query_type))
+        finally:
+            admission.release()
 
-    def refuse_early(self, body: BodySize) -> None:
-        """Raise QueueFull for a request whose body has not been read, when even the fewest texts
-        its size allows (at the most bytes per text of its endpoint's recent requests) fit on no
-        model's queue: under a burst a refusal then costs no parsing, and a request the exact
-        check would admit is not refused early unless its texts are shorter than all of those.
-        Requests that pass are checked exactly once parsed, in `score`."""
+    def admit_early(self, body: BodySize) -> Admission:
+        """Admit a request on the default backend's queues before its body is read, by the texts
+        its size suggests (at the median bytes per text of its endpoint's recent requests), or
+        raise QueueFull: under a burst a refusal then costs no parsing, and requests still being
+        parsed count against the bound. Parsed, the request is admitted exactly by `score`."""
         recent = self._bytes_per_text.get(body.endpoint)
-        queues = list(self.pool.schedulers.values())
-        if not recent or not queues:
-            return
-        texts = int(body.size / max(recent))
-        if not any(queue.has_room(texts) for queue in queues):
-            raise queues[0].refusal(texts)
+        ratio = statistics.median(recent) if recent else PRIOR_BYTES_PER_TEXT
+        return Admission(self._queues_of(self.backend(None)), max(1, int(body.size / ratio)))
 
-    @contextmanager
-    def _admitted(self, backend: RewardBackend, items: Sequence[RawItem],
-                  body: BodySize | None) -> Iterator[None]:
-        """Reserve room for the request on every model queue it will use (the classifier's too)."""
+    def _queues_of(self, backend: RewardBackend) -> Queues:
+        """Every model queue a request to `backend` uses (the classifier's too)."""
         queues = self._queues[backend.name]
         if backend.uses_query_type:
             queues = tuple(dict.fromkeys((*queues, *self._classifier_queues)))
+        return queues
+
+    def _admit(self, backend: RewardBackend, items: Sequence[RawItem], body: BodySize | None,
+               early: Admission | None) -> Admission:
         texts = demand(items)
         if body is not None and texts:
             recent = self._bytes_per_text.setdefault(body.endpoint, deque(maxlen=RECENT_REQUESTS))
             recent.append(body.size / texts)
-        with ExitStack() as reservations:
-            for queue in queues:
-                reservations.enter_context(queue.reserve(texts))
-            yield
+        if early is not None:
+            early.release()
+        return Admission(self._queues_of(backend), texts)
 
     def _clean(self, response: str, extra_stop_strings: tuple[str, ...]) -> str:
         if not self.settings.stop_strings:

@@ -17,9 +17,9 @@ import sys
 import threading
 import time
 from collections import OrderedDict, deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager, suppress
+from contextlib import suppress
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -213,29 +213,19 @@ class EmbeddingScheduler:
         self._model_thread.shutdown(wait=True)
         self._tokenizers.shutdown(wait=True)
 
-    @contextmanager
-    def reserve(self, texts: int) -> Iterator[None]:
+    def hold(self, texts: int) -> None:
         """Admit a request that will embed up to `texts` texts, or raise QueueFull at once.
 
-        Admission happens before any of the request's work (resolution, classification,
-        tokenising), so a refusal costs next to nothing; the reservation is held until the
-        request is done. Nothing reserved admits any request, so one larger than the bound is
-        slow, not refused."""
-        if not self.has_room(texts):
-            raise self.refusal(texts)
+        Callers hold before any of a request's work and `release` when it is answered, so the
+        bound counts the work of requests in flight and a refusal costs next to nothing. Nothing
+        held admits any request, so one larger than the bound is slow, not refused."""
+        if self._reserved and self._reserved + texts > self.limits.max_queue:
+            self.metrics.rejected.inc()
+            raise QueueFull(self._reserved, self.limits.max_queue, self._retry_after(texts))
         self._reserved += texts
-        try:
-            yield
-        finally:
-            self._reserved -= texts
 
-    def has_room(self, texts: int) -> bool:
-        return not self._reserved or self._reserved + texts <= self.limits.max_queue
-
-    def refusal(self, texts: int) -> QueueFull:
-        """The 429 for a request of `texts` texts, counted."""
-        self.metrics.rejected.inc()
-        return QueueFull(self._reserved, self.limits.max_queue, self._retry_after(texts))
+    def release(self, texts: int) -> None:
+        self._reserved -= texts
 
     async def embed(self, texts: Sequence[str], cacheable: Sequence[bool]) -> torch.Tensor:
         """Embeddings of distinct `texts`, in order (the caller holds a reservation for them)."""
