@@ -238,6 +238,9 @@ async def test_http_disconnect_drops_queued_work(tight: ServiceProcess, tmp_path
     assert dropped() > before
     ok = httpx.post(f"{tight.url}/reward", json={"items": long_items(2, "after")}, timeout=60)
     assert ok.status_code == 200 and len(ok.json()["rewards"]) == 2
+    # A client leaving is counted, not logged as a crash.
+    assert 'r3_requests_total{endpoint="/reward",status="499"}' in httpx.get(f"{tight.url}/metrics").text
+    assert "Traceback" not in tight.log.read_text()
 
 
 def reward_body(items: list[dict]) -> bytes:

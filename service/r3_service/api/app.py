@@ -78,18 +78,29 @@ class Observe:
             self.metrics.requests.labels(endpoint, str(status)).inc()
 
 
+class ClientGone(Exception):
+    """The client disconnected before its answer: nothing to send, nothing went wrong."""
+
+
 async def unless_disconnected(request: Request, work: Awaitable[T]) -> T:
     """Run `work`, cancelling it if the client disconnects first (its queued texts are dropped)."""
     task = asyncio.ensure_future(work)
+    gone = False
 
     async def watch() -> None:
+        nonlocal gone
         while (await request.receive())["type"] != "http.disconnect":
             pass
+        gone = True
         task.cancel()
 
     watcher = asyncio.ensure_future(watch())
     try:
         return await task
+    except asyncio.CancelledError:
+        if gone:  # an ordinary event, not a crash for uvicorn to log with a traceback
+            raise ClientGone from None
+        raise
     finally:
         watcher.cancel()
 
@@ -344,6 +355,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @app.exception_handler(QueueFull)
     async def overloaded(request: Request, error: QueueFull) -> JSONResponse:
         return too_busy(error)
+
+    @app.exception_handler(ClientGone)
+    async def client_gone(request: Request, error: ClientGone) -> Response:
+        return Response(status_code=499)  # nginx's "client closed request"; never delivered
 
     @app.exception_handler(Exception)
     async def crashed(request: Request, error: Exception) -> JSONResponse:
