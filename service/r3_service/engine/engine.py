@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import math
-import statistics
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
@@ -53,7 +52,7 @@ class RawItem:
 
 
 RECENT_REQUESTS = 64  # whose bytes per text estimate an unread body's texts
-PRIOR_BYTES_PER_TEXT = 500.0  # before any request: about a 100-token text in JSON
+PRIOR_BYTES_PER_TEXT = 1000.0  # before any request: a text of ~200 tokens, in JSON
 
 
 class Admission:
@@ -294,12 +293,15 @@ class RewardEngine:
             admission.release()
 
     def admit_early(self, body: BodySize) -> Admission:
-        """Admit a request on the default backend's queues before its body is read, by the texts
-        its size suggests (at the median bytes per text of its endpoint's recent requests), or
-        raise QueueFull: under a burst a refusal then costs no parsing, and requests still being
-        parsed count against the bound. Parsed, the request is admitted exactly by `score`."""
+        """Admit a request on the default backend's queues before its body is read, or raise
+        QueueFull: under a burst a refusal then costs no parsing, and requests still being read
+        or parsed count against the bound. Parsed, the request is admitted exactly by `score`.
+
+        The texts are estimated low, at the most bytes per text of its endpoint's recent
+        requests: held capacity or a refusal never rests on a guess larger than the request
+        (mixed traffic of short and long texts only makes the estimate less useful)."""
         recent = self._bytes_per_text.get(body.endpoint)
-        ratio = statistics.median(recent) if recent else PRIOR_BYTES_PER_TEXT
+        ratio = max(recent) if recent else PRIOR_BYTES_PER_TEXT
         return Admission(self._queues_of(self.backend(None)), max(1, int(body.size / ratio)))
 
     def _queues_of(self, backend: RewardBackend) -> Queues:
