@@ -23,6 +23,18 @@ ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT / "data" / "alpacafarm_val.json"
 
 
+# Fixtures that start a real redis-server or r3-serve: a test using one (directly or through
+# another fixture) is `slow`. Tests that start processes themselves carry the mark by hand.
+SERVER_FIXTURES = {"redis_server", "service", "configured", "deployment", "tight", "keyed", "flaky_service"}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """`pytest -m "not slow"` is the fast tier: everything that needs no real server."""
+    for item in items:
+        if SERVER_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -300,6 +300,7 @@ def test_metrics_count_requests_items_and_store(server_url: str) -> None:
     assert 'r3_store_lookups_total{result="miss"}' in text and "r3_store_errors_total" in text
 
 
+@pytest.mark.slow
 def test_invalid_settings_stop_the_service_with_a_clear_message(tmp_path: Path) -> None:
     with pytest.raises(RuntimeError, match="unknown chat template 'zephyr'"):
         start_service(tmp_path, R3_CHAT_TEMPLATE="zephyr")

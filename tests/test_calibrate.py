@@ -19,6 +19,7 @@ def examples():
     return usable[:120]
 
 
+@pytest.mark.slow
 def test_proposed_range_maps_the_quantiles_onto_each_other(embedding_model, examples) -> None:
     result = calibrate(embedding_model, examples, max_rollout_tokens=512, quantiles=(0.1, 0.9))
     lo, hi = result.relevance_in_range
@@ -34,6 +35,7 @@ def test_proposed_range_maps_the_quantiles_onto_each_other(embedding_model, exam
     assert abs(proposed_median - open_median) < abs(default_median - open_median)
 
 
+@pytest.mark.slow
 def test_dataset_responses_are_used_when_present(embedding_model, examples, tmp_path: Path) -> None:
     rows = [{"query": e.query, "reference": e.reference, "query_type": "closed" if e.closed else "open",
              "response": e.reference[: max(1, len(e.reference) // 2)]} for e in examples[:40]]
@@ -44,6 +46,7 @@ def test_dataset_responses_are_used_when_present(embedding_model, examples, tmp_
     assert result.responses and len(result.closed_relevance) == sum(e.closed for e in with_responses)
 
 
+@pytest.mark.slow
 def test_cli_prints_the_quantiles_and_the_proposal(tmp_path: Path, capsys) -> None:
     path = tmp_path / "small.json"
     path.write_text(json.dumps(json.loads(DATA.read_text())[:60]))

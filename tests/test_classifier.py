@@ -322,6 +322,7 @@ async def test_llm_factory_falls_back_to_the_learned_head(chat_server: ChatServe
 # --- r3-qtype train / eval ----------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_qtype_eval_prints_the_table_for_each_kind() -> None:
     result = run_module("r3_service.qtype_cli", "eval", str(DATA), "--markdown", "--speed-queries", "200")
     assert result.returncode == 0, result.stderr
@@ -333,6 +334,7 @@ def test_qtype_eval_prints_the_table_for_each_kind() -> None:
     assert float(rows["learned"].rstrip("%")) > float(rows["rules"].rstrip("%")) > 60
 
 
+@pytest.mark.slow
 def test_qtype_eval_of_the_llm_kind_counts_fallbacks(chat_server: ChatServer, dataset: list[dict]) -> None:
     chat_server.reply = lambda q, a: (200, "CLOSED-ENDED" if "?" not in q else "no idea", 0.0)
     result = run_module("r3_service.qtype_cli", "eval", str(DATA), "--kind", "llm", "--llm-url",
@@ -343,6 +345,7 @@ def test_qtype_eval_of_the_llm_kind_counts_fallbacks(chat_server: ChatServer, da
     assert row[0] == "llm" and int(row[-1]) == len(junk) > 0  # fallbacks on the held-out queries
 
 
+@pytest.mark.slow
 def test_qtype_train_writes_a_head_that_eval_loads(tmp_path: Path, dataset: list[dict]) -> None:
     small = tmp_path / "small.jsonl"
     small.write_text("\n".join(json.dumps({"query": r["input"], "query_type": r["qtype"]})
@@ -418,6 +421,7 @@ async def test_the_service_store_reads_the_classifier_id_back(redis_server: Redi
     assert record is not None and (record.query_type, record.classified_by) == ("open", "learned@abc")
 
 
+@pytest.mark.slow
 def test_classify_needs_somewhere_to_write(tmp_path: Path) -> None:
     path = tmp_path / "q.jsonl"
     path.write_text(json.dumps({"query": "Write a poem."}) + "\n")
@@ -475,6 +479,7 @@ def test_backends_blind_to_the_type_do_not_classify(server_url: str, redis_serve
     assert not redis.Redis.from_url(redis_server.url).exists(query_key(query))
 
 
+@pytest.mark.slow
 def test_service_with_the_llm_classifier(chat_server: ChatServer, tmp_path: Path) -> None:
     chat_server.reply = lambda query, attempt: (
         (200, "CLOSED-ENDED", 0.0) if "capital" in query else (200, "OPEN-ENDED", 0.0))
@@ -495,6 +500,7 @@ def test_service_with_the_llm_classifier(chat_server: ChatServer, tmp_path: Path
         proc.stop()
 
 
+@pytest.mark.slow
 def test_llm_classifier_needs_its_endpoint(tmp_path: Path) -> None:
     with pytest.raises(RuntimeError, match="R3_QTYPE_LLM_URL"):
         start_service(tmp_path, R3_QTYPE_CLASSIFIER="llm")

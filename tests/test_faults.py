@@ -20,6 +20,8 @@ from conftest import DATA, RedisServer, ServiceProcess, free_port, start_service
 from r3_service.loadgen import Pair, Run, Target, Workload, closed_loop, make_pairs, open_loop, parse_mix
 from r3_service.store.records import query_key
 
+pytestmark = pytest.mark.slow  # real servers, training or process faults throughout
+
 FAULT_MIX = parse_mix("1:0.6,8:0.4")
 
 

@@ -56,6 +56,7 @@ def test_ranges_and_normalisation_are_configurable(tiny_bert: Path, monkeypatch:
     assert torch.allclose(scheduler.model.embed(["x y z"]).norm(dim=-1), torch.ones(1), atol=1e-5)
 
 
+@pytest.mark.slow
 def test_compiled_encoder_gives_the_same_embeddings(embedding_model) -> None:
     compiled = EmbeddingModel(DEFAULT_MODEL, device="cpu", compile=True)
     assert compiled.info.compiled and not embedding_model.info.compiled

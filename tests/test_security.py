@@ -79,6 +79,7 @@ def test_client_and_load_generator_send_the_key(keyed: ServiceProcess) -> None:
     assert {o.status for o in anonymous.outcomes} == {401}
 
 
+@pytest.mark.slow
 def test_request_texts_never_reach_the_log(tmp_path: Path) -> None:
     """At the default (info) level, no route logs a request's text: scored, invalid, over a limit."""
     proc = start_service(tmp_path, R3_MAX_ITEMS="2", R3_LOG_LEVEL="info")
@@ -108,6 +109,7 @@ def listening_on(table: str, port_suffix: str) -> list[str]:
     return [row[1] for row in rows if row[3] == "0A" and row[1].endswith(port_suffix)]
 
 
+@pytest.mark.slow
 def test_binds_to_loopback_by_default() -> None:
     """`r3-serve` without --host listens on 127.0.0.1 only."""
     port = free_port()

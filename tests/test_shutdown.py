@@ -9,8 +9,12 @@ import signal
 import time
 from pathlib import Path
 
+import pytest
+
 from conftest import DATA, start_service
 from r3_service.loadgen import Outcome, Run, Target, Workload, closed_loop, make_pairs, open_loop, parse_mix
+
+pytestmark = pytest.mark.slow  # real servers, training or process faults throughout
 
 MARGIN_S = 0.3  # a request sent this close to the signal may or may not have reached the server
 EXIT_BOUND_S = 60.0

@@ -148,6 +148,7 @@ def metric(url: str, name: str) -> float:
     return sum(values)
 
 
+@pytest.mark.slow
 def test_scoring_survives_redis_stopping_and_reconnects(tmp_path: Path) -> None:
     """Redis goes away mid-test: every request still gets 200, the fallback is counted and shown,
     and once Redis is back the store is used again without a restart."""
@@ -194,6 +195,7 @@ def test_scoring_survives_redis_stopping_and_reconnects(tmp_path: Path) -> None:
         own_redis.stop()
 
 
+@pytest.mark.slow
 def test_in_process_store_preloaded_from_a_file(tmp_path: Path) -> None:
     path = tmp_path / "qtypes.jsonl"
     path.write_text(json.dumps({"query": "Preloaded: capital of Italy?", "output": "Rome.",
@@ -210,6 +212,7 @@ def test_in_process_store_preloaded_from_a_file(tmp_path: Path) -> None:
         proc.stop()
 
 
+@pytest.mark.slow
 def test_a_hung_redis_costs_a_bounded_wait_not_a_failure(tmp_path: Path) -> None:
     """Redis frozen (SIGSTOP: connections stay open, nothing answers): lookups time out at
     R3_REDIS_TIMEOUT_MS, scoring carries on with the default, and thawing restores the store."""

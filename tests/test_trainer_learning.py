@@ -24,6 +24,8 @@ from r3_trainer.plot import read_log
 from r3_trainer.rewards import RewardServiceError
 from r3_trainer.trainer import STATE_FILE, PPOTrainer, latest_checkpoint
 
+pytestmark = pytest.mark.slow  # real servers, training or process faults throughout
+
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ROOT / "trainer" / "configs" / "tiny-cpu.yaml"
 DATA = ROOT / "data" / "alpacafarm_val.json"
