@@ -249,6 +249,14 @@ def test_components_are_parsed(use: Use, server: ScriptedServer) -> None:
     assert all(seen.body["return_components"] is True for seen in server.requests)
 
 
+def test_an_ensembles_member_rewards_are_kept() -> None:
+    wire = {"length_incentive": 0.1, "repetition_penalty": 1.0, "relevance": 0.5, "relevance_target": "query",
+            "query_type": "open", "query_type_source": "cache", "reference_source": None,
+            "members": {"r3": 1.25, "oasst": -0.5}, "a_future_field": 1}
+    assert Components.from_dict(wire).members == {"r3": 1.25, "oasst": -0.5}
+    assert Components.from_dict({**wire, "members": None}).members is None
+
+
 def test_api_key_is_sent_as_bearer_token(use: Use, server: ScriptedServer) -> None:
     use(server.url, "score", [("q", "r")], client={"api_key": "s3cret"})
     assert server.requests[0].headers["Authorization"] == "Bearer s3cret"

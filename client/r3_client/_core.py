@@ -68,11 +68,12 @@ class Components:
     relevance: float | None = None
     relevance_target: Literal["query", "reference"] | None = None
     reference_source: Literal["request", "cache"] | None = None
+    members: dict[str, float] | None = None  # an ensemble's member rewards, each standardised
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Components:
         """Build from the wire format; unknown keys are ignored so newer servers stay usable."""
-        relevance = data.get("relevance")
+        relevance, members = data.get("relevance"), data.get("members")
         return cls(
             length_incentive=float(data["length_incentive"]),
             repetition_penalty=float(data["repetition_penalty"]),
@@ -81,6 +82,7 @@ class Components:
             relevance=None if relevance is None else float(relevance),
             relevance_target=data.get("relevance_target"),
             reference_source=data.get("reference_source"),
+            members=None if members is None else {str(k): float(v) for k, v in members.items()},
         )
 
 
