@@ -43,8 +43,10 @@ def run_without(module: str, command: str, argv: list[str]) -> subprocess.Comple
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
 
 
-def test_loadtest_plot_without_matplotlib_stops_before_any_load(counting_server: str, tmp_path) -> None:
-    argv = ["--url", counting_server, "--users", "2", "--duration", "2", "--plot", str(tmp_path / "run.png")]
+@pytest.mark.parametrize("plot", ["--plot", "--plo"])  # argparse accepts abbreviations
+def test_loadtest_plot_without_matplotlib_stops_before_any_load(counting_server: str, tmp_path,
+                                                                plot: str) -> None:
+    argv = ["--url", counting_server, "--users", "2", "--duration", "2", plot, str(tmp_path / "run.png")]
     ran = run_without("matplotlib", "r3-loadtest", argv)
     assert ran.returncode == 1
     assert "r3-loadtest --plot needs the [bench] extra (missing: matplotlib)" in ran.stderr

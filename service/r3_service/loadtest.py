@@ -23,6 +23,7 @@ from collections import Counter
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from r3_service.commands import require
 from r3_service.loadgen import (
     DATA,
     Run,
@@ -202,6 +203,8 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    if args.plot:
+        require("r3-loadtest --plot", "bench")  # before the load, not after it
     try:
         check_target(args.url, args.allow_remote)
         workload = build_workload(args)

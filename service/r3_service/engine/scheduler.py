@@ -195,7 +195,7 @@ class EmbeddingScheduler:
         self._admissions: set[asyncio.Task[None]] = set()
         self._task: asyncio.Task[None] | None = None
         self._texts_per_s = 0.0  # moving average, for Retry-After
-        self._reserved = 0  # texts admitted requests may still embed (the queue bound's measure)
+        self._held = 0  # texts admitted requests may still embed (the queue bound's measure)
 
     @property
     def queued(self) -> int:
@@ -219,13 +219,13 @@ class EmbeddingScheduler:
         Callers hold before any of a request's work and `release` when it is answered, so the
         bound counts the work of requests in flight and a refusal costs next to nothing. Nothing
         held admits any request, so one larger than the bound is slow, not refused."""
-        if self._reserved and self._reserved + texts > self.limits.max_queue:
+        if self._held and self._held + texts > self.limits.max_queue:
             self.metrics.rejected.inc()
-            raise QueueFull(self._reserved, self.limits.max_queue, self._retry_after(texts))
-        self._reserved += texts
+            raise QueueFull(self._held, self.limits.max_queue, self._retry_after(texts))
+        self._held += texts
 
     def release(self, texts: int) -> None:
-        self._reserved -= texts
+        self._held -= texts
 
     async def embed(self, texts: Sequence[str], cacheable: Sequence[bool]) -> torch.Tensor:
         """Embeddings of distinct `texts`, in order (the caller holds a reservation for them)."""
@@ -373,4 +373,4 @@ class EmbeddingScheduler:
 
     def _retry_after(self, extra: int) -> int:
         rate = self._texts_per_s or 100.0
-        return max(1, math.ceil((self._reserved + extra) / rate))
+        return max(1, math.ceil((self._held + extra) / rate))
