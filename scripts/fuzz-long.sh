@@ -29,7 +29,7 @@ set -e
 python3 - "$work" "$SERVICE_URL" "$st_exit" "$(( $(date +%s) - started ))" "$OUT" <<'PY'
 import glob, json, platform, os, sys, time
 from collections import Counter
-from r3_service.loadgen import scrape
+from r3_tools.loadgen import scrape
 
 work, url, st_exit, seconds, out = sys.argv[1:]
 report = json.load(open(glob.glob(f"{work}/report/*.json")[0]))

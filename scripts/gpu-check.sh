@@ -33,7 +33,7 @@ python3 -m pytest -q -p no:cacheprovider tests/test_batching.py -k "not http and
     and not cannot_fit" 2>&1 | tail -3 | tee -a "$OUT/gpu.txt"
 # Backends through a deployment file on the GPU (reward model, ensembles, shared models).
 python3 -m pytest -q -p no:cacheprovider tests/test_backends.py 2>&1 | tail -3 | tee -a "$OUT/gpu.txt"
-python3 -m r3_service.bench --random-bert-base --device cuda --pairs 4096 --duration 10 \
+python3 -m r3_tools.bench --random-bert-base --device cuda --pairs 4096 --duration 10 \
     --concurrency 1,16,64 --items 1,8,64 --port 8765 --out "$OUT/gpu-bert-base" 2>&1 | tail -40
 
 # Admission on the GPU: the measured queue bound, a 1,024-item rollout batch, a 400 x 64-item burst.
@@ -50,8 +50,8 @@ for _ in range(300):
     time.sleep(0.5)
 PY
 grep -o "queue bound.*" "$OUT/gpu-serve.log" | tee -a "$OUT/gpu.txt"
-python3 -m r3_service.loadtest --url http://127.0.0.1:8766 --burst 16 --mix 64 --json "$OUT/gpu-burst-16x64.json" \
+python3 -m r3_tools.loadtest --url http://127.0.0.1:8766 --burst 16 --mix 64 --json "$OUT/gpu-burst-16x64.json" \
     | tail -3 | tee -a "$OUT/gpu.txt"
-python3 -m r3_service.loadtest --url http://127.0.0.1:8766 --burst 400 --mix 64 --json "$OUT/gpu-burst-400x64.json" \
+python3 -m r3_tools.loadtest --url http://127.0.0.1:8766 --burst 400 --mix 64 --json "$OUT/gpu-burst-400x64.json" \
     | tail -5 | tee -a "$OUT/gpu.txt"
 kill "$SERVE"

@@ -4,7 +4,7 @@
 # sampled every 5 s. Writes bench/results/soak.{json,png,md} (OUT=prefix to change it); exits 1
 # unless 0 errors and < 5% RSS growth after warm-up. Run it on a quiet machine: it measures.
 #   bash scripts/soak.sh                          # 10 minutes
-#   SOAK_SECONDS=60 OUT=/tmp/soak bash scripts/soak.sh --users 4   # extra args go to r3_service.soak
+#   SOAK_SECONDS=60 OUT=/tmp/soak bash scripts/soak.sh --users 4   # extra args go to r3_tools.soak
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/lib.sh
@@ -15,7 +15,7 @@ work=$(mktemp -d)
 trap 'stop_started; rm -rf "$work"' EXIT
 
 start_redis "$(free_port)" "$work"
-python3 -m r3_service.store.loader load data/alpacafarm_val.json --redis-url "$REDIS_URL"
+python3 -m r3_tools.store_admin load data/alpacafarm_val.json --redis-url "$REDIS_URL"
 R3_REDIS_URL=$REDIS_URL start_service "$(free_port)" "$work/serve.log"
-python3 -m r3_service.soak --url "$SERVICE_URL" --pid "$SERVICE_PID" --duration "$SOAK_SECONDS" \
+python3 -m r3_tools.soak --url "$SERVICE_URL" --pid "$SERVICE_PID" --duration "$SOAK_SECONDS" \
     --out "$OUT" "$@"

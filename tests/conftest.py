@@ -153,7 +153,7 @@ def dataset() -> list[dict]:
 
 @pytest.fixture(scope="session")
 def embedding_model():
-    from r3_service.backends.embedding import EmbeddingModel
+    from r3_service.models.embedding import EmbeddingModel
     from r3_service.settings import DEFAULT_MODEL
 
     return EmbeddingModel(DEFAULT_MODEL, device="cpu")
@@ -166,7 +166,7 @@ def save_tiny_bert(path: Path, model_class: str = "BertModel", **config: object)
     import transformers
     from transformers import AutoTokenizer, BertConfig
 
-    from r3_service.backends.embedding import resolve_model_path
+    from r3_service.models.base import resolve_model_path
     from r3_service.settings import DEFAULT_MODEL
 
     tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(DEFAULT_MODEL))

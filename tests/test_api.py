@@ -10,7 +10,7 @@ import httpx
 import pytest
 
 from conftest import ServiceProcess, start_service
-from r3_service.backends.r3 import PRESETS
+from r3_service.rule.reward import PRESETS
 
 
 @pytest.fixture(scope="module")

@@ -15,9 +15,9 @@ import yaml
 from pydantic import ValidationError
 
 from conftest import ROOT, ServiceProcess, save_tiny_bert, start_service
-from r3_service.backends.kinds import RunningMoments
-from r3_service.backends.reward_model import RewardModel, exchange_key
-from r3_service.backends.templates import TEMPLATES
+from r3_service.models.reward_model import RewardModel
+from r3_service.rule.moments import RunningMoments
+from r3_service.rule.templates import TEMPLATES
 from r3_service.settings import DEFAULT_MODEL, EnsembleSpec, R3BackendSpec, RewardModelSpec, Settings
 
 QUERY = "What is the capital of France?"
@@ -43,7 +43,7 @@ def direct_rewards(path: Path, inputs: list[dict[str, torch.Tensor]]) -> list[fl
 
 def test_reward_model_pairs_score_as_transformers_does(tiny_rm: Path) -> None:
     model = RewardModel(str(tiny_rm), device="cpu")
-    rows = model.forward(model.tokenize([exchange_key(QUERY, r) for r in RESPONSES]))  # one padded batch
+    rows = model.forward(model.tokenize([(QUERY, r) for r in RESPONSES]))  # one padded batch
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_rm)
@@ -55,7 +55,7 @@ def test_reward_model_pairs_score_as_transformers_does(tiny_rm: Path) -> None:
 
 def test_reward_model_with_a_named_template(tiny_rm: Path) -> None:
     model = RewardModel(str(tiny_rm), input_format="vicuna", device="cpu")
-    rows = model.forward(model.tokenize([exchange_key(QUERY, r) for r in RESPONSES]))
+    rows = model.forward(model.tokenize([(QUERY, r) for r in RESPONSES]))
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_rm)
@@ -73,7 +73,7 @@ def test_reward_model_refuses_what_it_cannot_do(tiny_rm: Path) -> None:
 
 @pytest.mark.parametrize("name", list(TEMPLATES))
 def test_rendered_exchanges_split_back_into_query_and_response(name: str) -> None:
-    from r3_service.backends.templates import extract_query
+    from r3_service.rule.templates import extract_query
 
     template = TEMPLATES[name]
     text = template.render(QUERY, RESPONSES[0])

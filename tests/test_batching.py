@@ -15,9 +15,9 @@ import pytest
 import torch
 
 from conftest import DATA, ServiceProcess, start_service
-from r3_service.engine.scheduler import BatchLimits, EmbeddingScheduler, QueueFull, ReadyQueue, _Entry
-from r3_service.loadgen import make_pairs, post_plain
+from r3_service.engine.scheduler import BatchLimits, BatchScheduler, QueueFull, ReadyQueue, _Entry
 from r3_service.metrics import Metrics
+from r3_tools.loadgen import make_pairs, post_plain
 
 
 class RecordingModel:
@@ -50,8 +50,8 @@ def texts_of_varied_length(count: int, seed: int = 0) -> list[str]:
 
 
 @asynccontextmanager
-async def running(model, limits: BatchLimits, cache_size: int = 0) -> AsyncIterator[EmbeddingScheduler]:
-    scheduler = EmbeddingScheduler(model, limits, Metrics(), cache_size=cache_size)
+async def running(model, limits: BatchLimits, cache_size: int = 0) -> AsyncIterator[BatchScheduler]:
+    scheduler = BatchScheduler(model, limits, Metrics(), cache_size=cache_size)
     scheduler.start()
     try:
         yield scheduler
@@ -62,7 +62,7 @@ async def running(model, limits: BatchLimits, cache_size: int = 0) -> AsyncItera
 async def run_scheduler(model, limits: BatchLimits, requests: list[list[str]], *,
                         cacheable: bool = False, cache_size: int = 0) -> tuple[list[torch.Tensor], Metrics]:
     async with running(model, limits, cache_size) as scheduler:
-        results = await asyncio.gather(*(scheduler.embed(texts, [cacheable] * len(texts))
+        results = await asyncio.gather(*(scheduler.run(texts, [cacheable] * len(texts))
                                          for texts in requests))
     return results, scheduler.metrics
 
@@ -106,11 +106,11 @@ async def test_the_oldest_text_is_served_first_however_short(embedding_model) ->
     limits = BatchLimits(max_tokens=600, max_size=4, max_wait_s=0.0, max_queue=10_000)
     long_texts = [f"long text number {i} " + "word " * 100 for i in range(24)]
     async with running(model, limits) as scheduler:
-        first = asyncio.ensure_future(scheduler.embed(long_texts[:8], [False] * 8))
+        first = asyncio.ensure_future(scheduler.run(long_texts[:8], [False] * 8))
         await asyncio.sleep(0.02)
-        short = asyncio.ensure_future(scheduler.embed(["short"], [False]))
+        short = asyncio.ensure_future(scheduler.run(["short"], [False]))
         await asyncio.sleep(0.02)
-        later = asyncio.ensure_future(scheduler.embed(long_texts[8:], [False] * 16))
+        later = asyncio.ensure_future(scheduler.run(long_texts[8:], [False] * 16))
         await asyncio.gather(first, short, later)
     short_batch = next(i for i, lengths in enumerate(model.batches) if min(lengths) < 10)
     assert sum(len(b) for b in model.batches[:short_batch]) <= 8  # only the earlier long texts
@@ -133,9 +133,9 @@ async def test_shared_texts_are_embedded_once_across_requests(embedding_model) -
 async def test_query_embeddings_come_from_the_cache_the_second_time(embedding_model) -> None:
     model = RecordingModel(embedding_model)
     async with running(model, LIMITS, cache_size=100) as scheduler:
-        first = await scheduler.embed(["a cached query", "response one"], [True, False])
-        second = await scheduler.embed(["a cached query", "response two"], [True, False])
-        third = await scheduler.embed(["response one"], [False])  # responses are not cached
+        first = await scheduler.run(["a cached query", "response one"], [True, False])
+        second = await scheduler.run(["a cached query", "response two"], [True, False])
+        third = await scheduler.run(["response one"], [False])  # responses are not cached
     metrics = scheduler.metrics
     assert torch.equal(first[0], second[0])
     assert sum(len(b) for b in model.batches) == 4
@@ -161,7 +161,7 @@ async def test_full_queue_refuses_at_once_and_recovers(embedding_model) -> None:
         async def request(texts: list[str]) -> torch.Tensor:
             scheduler.hold(len(texts))
             try:
-                return await scheduler.embed(texts, [False] * len(texts))
+                return await scheduler.run(texts, [False] * len(texts))
             finally:
                 scheduler.release(len(texts))
 
@@ -184,8 +184,8 @@ async def test_cancelled_request_drops_its_queued_work_but_not_shared_work(embed
     limits = BatchLimits(max_tokens=10_000, max_size=2, max_wait_s=0.0, max_queue=1000)
     async with running(model, limits) as scheduler:
         texts = texts_of_varied_length(20, seed=3)
-        doomed = asyncio.ensure_future(scheduler.embed(texts, [False] * 20))
-        shared = asyncio.ensure_future(scheduler.embed([texts[-1]], [False]))  # shares one text
+        doomed = asyncio.ensure_future(scheduler.run(texts, [False] * 20))
+        shared = asyncio.ensure_future(scheduler.run([texts[-1]], [False]))  # shares one text
         await asyncio.sleep(0.15)
         doomed.cancel()
         assert (await shared).shape[0] == 1  # the shared text was still computed

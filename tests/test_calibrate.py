@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import DATA
-from r3_service.calibrate import calibrate, main, read_examples
+from r3_tools.calibrate import calibrate, main, read_examples
 
 
 @pytest.fixture(scope="module")

@@ -24,22 +24,18 @@ import pytest
 import redis
 
 from conftest import DATA, ROOT, RedisServer, free_port, start_service
-from r3_service.backends.classifier import (
-    HEAD_PATH,
-    HeadMismatch,
-    Label,
-    LearnedClassifier,
-    LinearHead,
-    RulesClassifier,
-    build_classifier,
-    model_embedder,
-)
-from r3_service.backends.llm_classifier import PROMPT, LlmClassifier, parse_answer
-from r3_service.qtype_cli import held_out
-from r3_service.querytypes import QueryType, parse_query_type
+from r3_service.qtype import build_classifier
+from r3_service.qtype.base import Label
+from r3_service.qtype.learned import HEAD_PATH, HeadMismatch, LearnedClassifier, LinearHead
+from r3_service.qtype.llm import PROMPT, LlmClassifier, parse_answer
+from r3_service.qtype.rules import RulesClassifier
+from r3_service.rule.datasets import read_records
+from r3_service.rule.querytypes import QueryType, parse_query_type
 from r3_service.settings import DEFAULT_MODEL
-from r3_service.store.records import query_key, read_records
+from r3_service.store.records import query_key
 from r3_service.store.stores import MemoryStore, QueryStore
+from r3_tools.heads import model_embedder
+from r3_tools.qtype_eval import held_out
 
 
 def run_module(module: str, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
@@ -82,7 +78,7 @@ async def test_rules_classify_clear_examples() -> None:
 
 
 def test_the_head_ships_in_the_package_and_names_its_model() -> None:
-    packaged = files("r3_service.backends") / "qtype_head.json"
+    packaged = files("r3_service.qtype") / "qtype_head.json"
     assert packaged.is_file() and Path(str(packaged)) == HEAD_PATH
     head = LinearHead.load()
     assert head.model == DEFAULT_MODEL and head.dim == 384
@@ -128,9 +124,9 @@ async def test_learned_uses_the_injected_embed_function_once_per_batch(embedding
         return await inner(texts)
 
     learned = LearnedClassifier(embed, DEFAULT_MODEL)
-    templated = "<|im_start|>user\nWrite a poem about the sea.<|im_end|>\n<|im_start|>assistant\n"
-    types = await learned.classify([templated, "What is 2 + 2?"])
-    assert calls == [["Write a poem about the sea.", "What is 2 + 2?"]]  # the user's words, normalised
+    # Classifiers take the user's words (the engine removed the template); whitespace is theirs.
+    types = await learned.classify(["Write a poem\n\nabout the sea. ", "What is 2 + 2?"])
+    assert calls == [["Write a poem about the sea.", "What is 2 + 2?"]]
     assert types == ["open", "closed"]
     assert await learned.classify([]) == [] and len(calls) == 1
 
@@ -324,7 +320,7 @@ async def test_llm_factory_falls_back_to_the_learned_head(chat_server: ChatServe
 
 @pytest.mark.slow
 def test_qtype_eval_prints_the_table_for_each_kind() -> None:
-    result = run_module("r3_service.qtype_cli", "eval", str(DATA), "--markdown", "--speed-queries", "200")
+    result = run_module("r3_tools.qtypes", "eval", str(DATA), "--markdown", "--speed-queries", "200")
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     assert "419 held-out queries (of 2000 labelled)" in lines[0]
@@ -337,7 +333,7 @@ def test_qtype_eval_prints_the_table_for_each_kind() -> None:
 @pytest.mark.slow
 def test_qtype_eval_of_the_llm_kind_counts_fallbacks(chat_server: ChatServer, dataset: list[dict]) -> None:
     chat_server.reply = lambda q, a: (200, "CLOSED-ENDED" if "?" not in q else "no idea", 0.0)
-    result = run_module("r3_service.qtype_cli", "eval", str(DATA), "--kind", "llm", "--llm-url",
+    result = run_module("r3_tools.qtypes", "eval", str(DATA), "--kind", "llm", "--llm-url",
                         chat_server.url, "--llm-model", "judge-7b", "--speed-queries", "20")
     assert result.returncode == 0, result.stderr
     row = result.stdout.splitlines()[2].split()
@@ -351,7 +347,7 @@ def test_qtype_train_writes_a_head_that_eval_loads(tmp_path: Path, dataset: list
     small.write_text("\n".join(json.dumps({"query": r["input"], "query_type": r["qtype"]})
                                for r in dataset[:300]) + "\n")
     head_path = tmp_path / "head.json"
-    result = run_module("r3_service.qtype_cli", "train", str(small), "--out", str(head_path),
+    result = run_module("r3_tools.qtypes", "train", str(small), "--out", str(head_path),
                         "--folds", "2", "--l2", "0.1", "0.3")
     assert result.returncode == 0, result.stderr
     assert "2-fold cross-validation" in result.stdout and "l2=0.3: accuracy" in result.stdout
@@ -359,7 +355,7 @@ def test_qtype_train_writes_a_head_that_eval_loads(tmp_path: Path, dataset: list
     trained = sum(not held_out(r["input"]) for r in dataset[:300])
     assert head.meta["train_queries"] == trained and head.meta["l2"] in (0.1, 0.3)
     assert head.version != LinearHead.load().version
-    result = run_module("r3_service.qtype_cli", "eval", str(small), "--kind", "learned", "--head",
+    result = run_module("r3_tools.qtypes", "eval", str(small), "--kind", "learned", "--head",
                         str(head_path), "--speed-queries", "0")
     assert result.returncode == 0, result.stderr
     assert f"learned@{head.version}" in result.stdout
@@ -380,7 +376,7 @@ def test_classify_writes_types_with_classifier_ids_to_redis_and_skips_them_next_
     client = redis.Redis.from_url(redis_server.url, decode_responses=True)
     learned_id = f"learned@{LinearHead.load().version}"
 
-    result = run_module("r3_service.store.loader", "classify", str(path), "--redis-url", redis_server.url,
+    result = run_module("r3_tools.qtypes", "classify", str(path), "--redis-url", redis_server.url,
                         "--out", str(tmp_path / "typed.jsonl"))
     assert result.returncode == 0, result.stderr
     assert f"classified 3 queries with {learned_id}; skipped 0" in result.stdout
@@ -393,18 +389,18 @@ def test_classify_writes_types_with_classifier_ids_to_redis_and_skips_them_next_
     typed, errors = read_records(tmp_path / "typed.jsonl")
     assert not errors and [r.classified_by for _, r in typed] == [learned_id, learned_id, None, learned_id]
 
-    again = run_module("r3_service.store.loader", "classify", str(path), "--redis-url", redis_server.url)
+    again = run_module("r3_tools.qtypes", "classify", str(path), "--redis-url", redis_server.url)
     assert again.returncode == 0, again.stderr
     assert f"classified 0 queries with {learned_id}; skipped 3 already typed" in again.stdout
     assert client.hgetall(query_key(rows[0]["query"])) == stored[0]
 
     # another classifier (version) does not trust the learned answers; authoritative labels win
-    rules = run_module("r3_service.store.loader", "classify", str(path), "--redis-url", redis_server.url,
+    rules = run_module("r3_tools.qtypes", "classify", str(path), "--redis-url", redis_server.url,
                        "--kind", "rules")
     assert "classified 3 queries with rules@" in rules.stdout and "skipped 0" in rules.stdout
     labelled = tmp_path / "labelled.jsonl"
     labelled.write_text(json.dumps({"query": rows[0]["query"], "qtype": "CONSTRAINED"}) + "\n")
-    assert run_module("r3_service.store.loader", "load", str(labelled), "--redis-url",
+    assert run_module("r3_tools.qtypes", "load", str(labelled), "--redis-url",
                       redis_server.url).returncode == 0
     assert client.hgetall(query_key(rows[0]["query"])) == {"query": rows[0]["query"], "query_type": "closed"}
 
@@ -425,7 +421,7 @@ async def test_the_service_store_reads_the_classifier_id_back(redis_server: Redi
 def test_classify_needs_somewhere_to_write(tmp_path: Path) -> None:
     path = tmp_path / "q.jsonl"
     path.write_text(json.dumps({"query": "Write a poem."}) + "\n")
-    result = subprocess.run([sys.executable, "-m", "r3_service.store.loader", "classify", str(path)],
+    result = subprocess.run([sys.executable, "-m", "r3_tools.qtypes", "classify", str(path)],
                             capture_output=True, text=True, timeout=60, cwd=ROOT,
                             env={k: v for k, v in os.environ.items() if k != "R3_REDIS_URL"})
     assert result.returncode == 2 and "nowhere to write" in result.stderr

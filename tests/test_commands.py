@@ -12,7 +12,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from conftest import ROOT
-from r3_service import commands
+from r3_tools import commands
 
 
 class Counting(BaseHTTPRequestHandler):
@@ -39,7 +39,7 @@ def counting_server() -> Iterator[str]:
 def run_without(module: str, command: str, argv: list[str]) -> subprocess.CompletedProcess[str]:
     """Run a console command in a Python where `module` cannot be imported."""
     code = (f"import sys; sys.modules[{module!r}] = None; sys.argv = {[command, *argv]!r}; "
-            f"from r3_service.commands import {command.removeprefix('r3-')} as main; sys.exit(main())")
+            f"from r3_tools.commands import {command.removeprefix('r3-')} as main; sys.exit(main())")
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
 
 
@@ -75,7 +75,7 @@ def test_every_console_script_goes_through_its_check() -> None:
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     for name, target in project["scripts"].items():
         module, _, function = target.partition(":")
-        assert module == "r3_service.commands" and callable(getattr(commands, function)), name
+        assert module == "r3_tools.commands" and callable(getattr(commands, function)), name
 
 
 def test_the_extras_table_names_importable_modules_of_each_extra() -> None:

@@ -1,5 +1,5 @@
 """Faults under load, each against a real r3-serve and a real redis-server, driven by the load
-generator's own code (`r3_service.loadgen`): Redis killed and restarted, Redis answering slowly,
+generator's own code (`r3_tools.loadgen`): Redis killed and restarted, Redis answering slowly,
 overload past the queue, and clients that disconnect mid-request."""
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ import redis
 from test_store import metric, post_reward, run_loader
 
 from conftest import DATA, RedisServer, ServiceProcess, free_port, start_service, wait_until
-from r3_service.loadgen import Pair, Run, Target, Workload, closed_loop, make_pairs, open_loop, parse_mix
 from r3_service.store.records import query_key
+from r3_tools.loadgen import Pair, Run, Target, Workload, closed_loop, make_pairs, open_loop, parse_mix
 
 pytestmark = pytest.mark.slow  # real servers, training or process faults throughout
 

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from r3_service.backends.r3 import PRESETS, ResolvedItem, RuleParams, random_query_type, score
-from r3_service.backends.text import (
+from r3_service.rule.features import (
     clean_response,
     length_incentive,
     linear_map,
@@ -13,7 +12,8 @@ from r3_service.backends.text import (
     repetition_penalty,
     word_tokens,
 )
-from r3_service.querytypes import parse_query_type
+from r3_service.rule.querytypes import parse_query_type
+from r3_service.rule.reward import PRESETS, ResolvedItem, RuleParams, random_query_type, score
 
 PARAMS = RuleParams(relevance_in_range=(0.0, 3.5), relevance_out_range=(0.0, 5.12), lppo_target_length=10)
 

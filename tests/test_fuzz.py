@@ -13,14 +13,14 @@ from hypothesis import strategies as st
 from schemathesis.checks import not_a_server_error
 from schemathesis.specs.openapi.checks import content_type_conformance, response_schema_conformance
 
-from r3_service.backends.r3 import PRESETS, ResolvedItem, RuleParams, score
-from r3_service.backends.text import (
+from r3_service.rule.features import (
     GENERIC_STOP_STRINGS,
     clean_response,
     length_incentive,
     repetition_penalty,
     word_tokens,
 )
+from r3_service.rule.reward import PRESETS, ResolvedItem, RuleParams, score
 
 # --- schemathesis ----------------------------------------------------------------------------
 

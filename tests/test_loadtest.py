@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from conftest import DATA
-from r3_service.loadgen import Target, Workload, make_pairs, open_loop, parse_mix
-from r3_service.loadtest import check_target, main
+from r3_tools.loadgen import Target, Workload, make_pairs, open_loop, parse_mix
+from r3_tools.loadtest import check_target, main
 
 
 @pytest.mark.parametrize("url", ["http://127.0.0.1:8000", "http://127.9.9.9", "http://localhost:1",

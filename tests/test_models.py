@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from conftest import save_tiny_bert
-from r3_service.backends.embedding import EmbeddingModel
 from r3_service.engine.engine import RewardEngine
+from r3_service.models.embedding import EmbeddingModel
 from r3_service.settings import DEFAULT_MODEL, Settings
 
 

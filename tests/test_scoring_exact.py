@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from nltk.tokenize import wordpunct_tokenize
 
-from r3_service.backends.embedding import resolve_model_path
+from r3_service.models.base import resolve_model_path
 from r3_service.settings import DEFAULT_MODEL
 
 OUT_HI = 512 / 100

@@ -17,7 +17,7 @@ import pytest
 
 from conftest import DATA, ServiceProcess, free_port, start_service
 from r3_client import R3HTTPError, RewardClient
-from r3_service.loadgen import Target, Workload, closed_loop, make_pairs, parse_mix, start_server
+from r3_tools.loadgen import Target, Workload, closed_loop, make_pairs, parse_mix, start_server
 
 KEYS = ("key-one-0123456789", "key-two-abcdefghij")
 ITEM = {"query": "What is the capital of France?", "response": "Paris is the capital of France."}

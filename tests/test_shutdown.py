@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from conftest import DATA, start_service
-from r3_service.loadgen import Outcome, Run, Target, Workload, closed_loop, make_pairs, open_loop, parse_mix
+from r3_tools.loadgen import Outcome, Run, Target, Workload, closed_loop, make_pairs, open_loop, parse_mix
 
 pytestmark = pytest.mark.slow  # real servers, training or process faults throughout
 

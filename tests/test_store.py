@@ -15,11 +15,12 @@ import pytest
 import redis
 
 from conftest import DATA, ROOT, RedisServer, ServiceProcess, free_port, start_service, wait_until
-from r3_service.store.records import QueryRecord, query_key, read_records
+from r3_service.rule.datasets import QueryRecord, read_records
+from r3_service.store.records import query_key
 
 
 def run_loader(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "r3_service.store.loader", *args],
+    return subprocess.run([sys.executable, "-m", "r3_tools.qtypes", *args],
                           capture_output=True, text=True, timeout=120, cwd=ROOT)
 
 

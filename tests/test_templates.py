@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from r3_service.backends.templates import detect_template, extract_query, normalise_query
+from r3_service.rule.templates import detect_template, extract_query, normalise_query
 from r3_service.store.records import query_key
 
 CHATML = ("<|im_start|>system\nYou are helpful.<|im_end|>\n<|im_start|>user\nWhat is 2+2?<|im_end|>\n"

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from r3_service.backends.templates import TEMPLATES
-from r3_service.backends.text import GENERIC_STOP_STRINGS
+from r3_service.rule.features import GENERIC_STOP_STRINGS
+from r3_service.rule.templates import TEMPLATES
 from r3_trainer import data, ppo
 from r3_trainer.config import ConfigError, TrainConfig, config_from_dict, load_config
 from r3_trainer.data import Record, format_prompt

@@ -10,6 +10,7 @@ Trainer adapters (TRL reward functions, verl `compute_score`) live in `r3_client
 from ._async import AsyncRewardClient
 from ._core import (
     DEFAULT_BASE_URL,
+    RETRY_STATUSES,
     Components,
     R3ClientError,
     R3HTTPError,
@@ -17,11 +18,13 @@ from ._core import (
     RewardItem,
     ScoredBatch,
     __version__,
+    parse_retry_after,
 )
 from ._sync import RewardClient
 
 __all__ = [
     "DEFAULT_BASE_URL",
+    "RETRY_STATUSES",
     "AsyncRewardClient",
     "Components",
     "R3ClientError",
@@ -31,4 +34,5 @@ __all__ = [
     "RewardItem",
     "ScoredBatch",
     "__version__",
+    "parse_retry_after",
 ]

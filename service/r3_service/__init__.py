@@ -1,3 +1,5 @@
 """r3: R3 (Regularized Relevance Reward) scoring service."""
 
-__version__ = "0.1.0"
+from r3_client import __version__
+
+__all__ = ["__version__"]

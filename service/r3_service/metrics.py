@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily
 from prometheus_client.registry import Collector
-
-from r3_service.store.stores import StoreStats
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 WAIT_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
@@ -16,10 +15,24 @@ SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 TOKEN_BUCKETS = (64, 256, 1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072)
 
 
+class StoreCounts(Protocol):
+    hits: int
+    misses: int
+    errors: int
+    fallbacks: int
+
+
+class LlmCounts(Protocol):
+    requests: int
+    retries: int
+    answered: int
+    fallbacks: int
+
+
 class StoreCollector(Collector):
     """Reads the store's own counters at scrape time, so the store needs no Prometheus import."""
 
-    def __init__(self, stats: StoreStats) -> None:
+    def __init__(self, stats: StoreCounts) -> None:
         self.stats = stats
 
     def collect(self) -> Iterator[CounterMetricFamily]:
@@ -31,6 +44,24 @@ class StoreCollector(Collector):
         yield CounterMetricFamily("r3_store_fallbacks",
                                   "Lookups answered in-process because Redis was unavailable",
                                   value=self.stats.fallbacks)
+
+
+class LlmCollector(Collector):
+    """The `llm` query-type classifier's counters, read at scrape time."""
+
+    def __init__(self, stats: LlmCounts) -> None:
+        self.stats = stats
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        yield CounterMetricFamily("r3_qtype_llm_requests", "HTTP requests to the query-type endpoint, "
+                                  "retries included", value=self.stats.requests)
+        yield CounterMetricFamily("r3_qtype_llm_retries", "Retried requests to the query-type endpoint",
+                                  value=self.stats.retries)
+        queries = CounterMetricFamily("r3_qtype_llm_queries", "Queries typed by the llm classifier",
+                                      labels=["answered_by"])
+        queries.add_metric(["endpoint"], self.stats.answered)
+        queries.add_metric(["fallback"], self.stats.fallbacks)
+        yield queries
 
 
 class Metrics:
@@ -66,5 +97,8 @@ class Metrics:
         self.oom_splits = Counter("r3_oom_splits", "Batches split after a CUDA out-of-memory error",
                                   registry=self.registry)
 
-    def watch_store(self, stats: StoreStats) -> None:
+    def watch_store(self, stats: StoreCounts) -> None:
         self.registry.register(StoreCollector(stats))
+
+    def watch_llm(self, stats: LlmCounts) -> None:
+        self.registry.register(LlmCollector(stats))

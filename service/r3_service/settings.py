@@ -20,9 +20,14 @@ from pydantic_settings import (
     YamlConfigSettingsSource,
 )
 
-from r3_service.querytypes import QueryType, parse_query_type
+from r3_service.rule.querytypes import QueryType, parse_query_type
+from r3_service.rule.reward import PRESETS
+from r3_service.rule.templates import TEMPLATES
 
 DEFAULT_MODEL = "packaged:all-MiniLM-L6-v2"
+# Per forward pass when unset: on a GPU, on a CPU.
+GPU_BATCH_TOKENS, CPU_BATCH_TOKENS = 32768, 2048
+GPU_BATCH_SIZE, CPU_BATCH_SIZE = 1024, 256
 
 
 def _check_range(value: tuple[float, float]) -> tuple[float, float]:
@@ -52,8 +57,6 @@ class R3BackendSpec(_Spec):
     @field_validator("preset")
     @classmethod
     def _preset(cls, value: str) -> str:
-        from r3_service.backends.r3 import PRESETS
-
         if value not in PRESETS:
             raise ValueError(f"unknown preset {value!r}; valid: {', '.join(PRESETS)}")
         return value
@@ -74,8 +77,6 @@ class RewardModelSpec(_Spec):
     @field_validator("input_format")
     @classmethod
     def _format(cls, value: str) -> str:
-        from r3_service.backends.templates import TEMPLATES
-
         if value not in ("pair", "chat", *TEMPLATES):
             raise ValueError(f"unknown input_format {value!r}; valid: pair, chat, {', '.join(TEMPLATES)}")
         return value
@@ -138,9 +139,9 @@ class Settings(BaseSettings):
 
     # Batching engine
     max_batch_tokens: int | None = Field(None, gt=0, description="Padded tokens per forward; "
-                                         "None = 32768 on GPU, 2048 on CPU.")
+                                         f"None = {GPU_BATCH_TOKENS} on GPU, {CPU_BATCH_TOKENS} on CPU.")
     max_batch_size: int | None = Field(None, gt=0, description="Sequences per forward; "
-                                       "None = 1024 on GPU, 256 on CPU.")
+                                       f"None = {GPU_BATCH_SIZE} on GPU, {CPU_BATCH_SIZE} on CPU.")
     max_wait_ms: float = Field(2.0, ge=0, description="How long an idle model waits for a fuller batch.")
     max_queue_items: int | None = Field(
         None, gt=0, description="Distinct texts queued per model; beyond it, 429. None = what the "
@@ -186,8 +187,6 @@ class Settings(BaseSettings):
     @field_validator("chat_template", mode="before")
     @classmethod
     def _template(cls, value: object) -> str | None:
-        from r3_service.backends.templates import TEMPLATES
-
         if value in (None, "", "none"):
             return None
         if value not in TEMPLATES:
@@ -204,8 +203,6 @@ class Settings(BaseSettings):
     @model_validator(mode="after")
     def _backends(self) -> Settings:
         if not self.backends:
-            from r3_service.backends.r3 import PRESETS
-
             self.backends = {name: R3BackendSpec(preset=name) for name in PRESETS}
         if self.default_backend not in self.backends:
             raise ValueError(f"default_backend {self.default_backend!r} is not a configured backend; "

@@ -14,7 +14,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-__version__ = "0.1.0"
+from r3_client import __version__
 
 _EXPORTS = {
     "TrainConfig": "r3_trainer.config",

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import torch
 
-from r3_service.backends.templates import TEMPLATES
-from r3_service.backends.text import GENERIC_STOP_STRINGS, clean_response
+from r3_service.rule.features import GENERIC_STOP_STRINGS, clean_response
+from r3_service.rule.templates import TEMPLATES
 
 VICUNA_SYSTEM = (
     "A chat between a curious user and an artificial intelligence assistant. "

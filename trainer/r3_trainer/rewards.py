@@ -15,8 +15,14 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from r3_client import AsyncRewardClient, R3ClientError, R3HTTPError, RewardItem, ScoredBatch
-from r3_client._core import RETRY_STATUSES
+from r3_client import (
+    RETRY_STATUSES,
+    AsyncRewardClient,
+    R3ClientError,
+    R3HTTPError,
+    RewardItem,
+    ScoredBatch,
+)
 
 
 class RewardServiceError(RuntimeError):

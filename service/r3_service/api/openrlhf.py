@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from r3_service.api.schemas import GetRewardRequest, Label
-from r3_service.backends.templates import detect_template, extract_query
-from r3_service.engine.engine import RawItem
+from r3_service.engine.resolve import RawItem
+from r3_service.rule.templates import detect_template, extract_query
 
 
 class SampleError(ValueError):

@@ -7,7 +7,7 @@ from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field
 
-from r3_service.querytypes import QueryType, parse_query_type
+from r3_service.rule.querytypes import QueryType, parse_query_type
 
 
 def _query_type(value: object) -> object:

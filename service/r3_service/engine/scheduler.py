@@ -1,10 +1,11 @@
-"""Cross-request dynamic batching: one scheduler owns the model and turns a trickle of small
+"""Cross-request dynamic batching: one scheduler owns a model and turns a trickle of small
 requests into full, length-sorted batches.
 
-Every request's texts go into one shared queue. A text already queued or computing by another
-request is attached to that entry, and query/reference embeddings are kept in an LRU cache, so
-a GRPO group's shared prompt or reference is embedded once. Tokenisation runs on a thread pool
-while the model thread runs the previous batch.
+Every request's inputs (texts to embed, or (query, response) pairs to reward) go into one shared
+queue. An input already queued or computing for another request is attached to that entry, and
+the outputs of inputs that recur (queries and references) are kept in an LRU cache, so a GRPO
+group's shared prompt or reference is embedded once. Tokenisation runs on a thread pool while
+the model thread runs the previous batch.
 """
 
 from __future__ import annotations
@@ -17,16 +18,15 @@ import sys
 import threading
 import time
 from collections import OrderedDict, deque
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import suppress
 from dataclasses import dataclass, field
-from typing import Protocol
 
 import torch
 
-from r3_service.backends.embedding import EmbeddingInfo
 from r3_service.metrics import Metrics
+from r3_service.models.base import BatchModel
 
 log = logging.getLogger(__name__)
 
@@ -57,39 +57,39 @@ class QueueFull(Exception):
         self.retry_after_s = retry_after_s
 
 
-class EmbeddingCache:
-    """LRU of text → embedding, for texts that recur (queries and references)."""
+class OutputCache:
+    """LRU of input → output row, for inputs that recur (queries and references)."""
 
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity
-        self._rows: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self._rows: OrderedDict[Hashable, torch.Tensor] = OrderedDict()
 
     def __len__(self) -> int:
         return len(self._rows)
 
-    def __contains__(self, text: str) -> bool:
-        return text in self._rows
+    def __contains__(self, key: Hashable) -> bool:
+        return key in self._rows
 
-    def get(self, text: str) -> torch.Tensor | None:
-        row = self._rows.get(text)
+    def get(self, key: Hashable) -> torch.Tensor | None:
+        row = self._rows.get(key)
         if row is not None:
-            self._rows.move_to_end(text)
+            self._rows.move_to_end(key)
         return row
 
-    def put(self, text: str, row: torch.Tensor) -> None:
+    def put(self, key: Hashable, row: torch.Tensor) -> None:
         if self.capacity <= 0:
             return
-        self._rows[text] = row
-        self._rows.move_to_end(text)
+        self._rows[key] = row
+        self._rows.move_to_end(key)
         if len(self._rows) > self.capacity:
             self._rows.popitem(last=False)
 
 
 @dataclass(eq=False)
 class _Entry:
-    """One distinct text in flight, shared by every request waiting for it."""
+    """One distinct input in flight, shared by every request waiting for it."""
 
-    text: str
+    input: Hashable
     future: asyncio.Future[torch.Tensor]
     cacheable: bool
     waiters: int = 1
@@ -168,25 +168,14 @@ class BatchLimits:
     max_queue: int  # distinct texts queued or computing
 
 
-class BatchModel(Protocol):
-    """What the scheduler needs of a model: the embedding model and the reward model both fit."""
-
-    device: torch.device
-    info: EmbeddingInfo
-
-    def tokenize(self, texts: list[str]) -> list[list[int]]: ...
-
-    def forward(self, sequences: list[list[int]]) -> torch.Tensor: ...
-
-
-class EmbeddingScheduler:
+class BatchScheduler:
     def __init__(self, model: BatchModel, limits: BatchLimits, metrics: Metrics, *,
                  cache_size: int, tokenizer_threads: int = 2) -> None:
         self.model = model
         self.limits = limits
         self.metrics = metrics
-        self.cache = EmbeddingCache(cache_size)
-        self._pending: dict[str, _Entry] = {}  # queued, tokenising or computing
+        self.cache = OutputCache(cache_size)
+        self._pending: dict[Hashable, _Entry] = {}  # queued, tokenising or computing
         self._ready = ReadyQueue()  # tokenised, waiting for a batch
         self._wake = asyncio.Event()
         self._model_thread = ThreadPoolExecutor(1, thread_name_prefix="r3-model", initializer=yield_cpu)
@@ -227,23 +216,23 @@ class EmbeddingScheduler:
     def release(self, texts: int) -> None:
         self._held -= texts
 
-    async def embed(self, texts: Sequence[str], cacheable: Sequence[bool]) -> torch.Tensor:
-        """Embeddings of distinct `texts`, in order (the caller holds a reservation for them)."""
-        out = torch.empty(len(texts), self.model.info.dim)
+    async def run(self, inputs: Sequence[Hashable], cacheable: Sequence[bool]) -> torch.Tensor:
+        """Output rows of distinct `inputs`, in order (the caller holds them with `hold`)."""
+        out = torch.empty(len(inputs), self.model.info.dim)
         waiting: list[tuple[int, _Entry]] = []
         new: list[_Entry] = []
         loop = asyncio.get_running_loop()
-        for index, (text, keep) in enumerate(zip(texts, cacheable, strict=True)):
-            row = self.cache.get(text) if keep else None
+        for index, (key, keep) in enumerate(zip(inputs, cacheable, strict=True)):
+            row = self.cache.get(key) if keep else None
             if row is not None:
                 self.metrics.cache.labels("hit").inc()
                 out[index] = row
                 continue
             if keep:
                 self.metrics.cache.labels("miss").inc()
-            entry = self._pending.get(text)
+            entry = self._pending.get(key)
             if entry is None:
-                entry = self._pending[text] = _Entry(text, loop.create_future(), keep)
+                entry = self._pending[key] = _Entry(key, loop.create_future(), keep)
                 new.append(entry)
             else:
                 self.metrics.dedup.inc()
@@ -273,7 +262,7 @@ class EmbeddingScheduler:
         loop = asyncio.get_running_loop()
         try:
             sequences = await loop.run_in_executor(self._tokenizers, self.model.tokenize,
-                                                   [e.text for e in entries])
+                                                   [e.input for e in entries])
         except Exception as error:  # handed to every waiter instead
             self._fail(entries, error)
             return
@@ -295,16 +284,16 @@ class EmbeddingScheduler:
             try:
                 rows = await loop.run_in_executor(self._model_thread, self._forward, [e.ids for e in batch])
             except Exception as error:  # handed to the waiters; the loop goes on
-                log.exception("embedding batch of %d failed", len(batch))
+                log.exception("batch of %d failed", len(batch))
                 self._fail(batch, error)
                 continue
             elapsed = time.perf_counter() - started
             self.metrics.compute_seconds.observe(elapsed)
             self._texts_per_s = 0.8 * self._texts_per_s + 0.2 * len(batch) / max(elapsed, 1e-6)
             for entry, row in zip(batch, rows, strict=True):
-                self._pending.pop(entry.text, None)
+                self._pending.pop(entry.input, None)
                 if entry.cacheable:
-                    self.cache.put(entry.text, row)
+                    self.cache.put(entry.input, row)
                 if not entry.future.done():
                     entry.future.set_result(row)
 
@@ -336,7 +325,7 @@ class EmbeddingScheduler:
         batch = self._ready.take(self.limits, abandoned)
         if abandoned:
             for entry in abandoned:
-                self._pending.pop(entry.text, None)
+                self._pending.pop(entry.input, None)
                 entry.future.cancel()
             self.metrics.dropped.inc(len(abandoned))
         batch.sort(key=lambda e: len(e.ids), reverse=True)
@@ -366,7 +355,7 @@ class EmbeddingScheduler:
 
     def _fail(self, entries: list[_Entry], error: BaseException) -> None:
         for entry in entries:
-            self._pending.pop(entry.text, None)
+            self._pending.pop(entry.input, None)
             if not entry.future.done():
                 entry.future.set_exception(error)
                 entry.future.exception()  # mark retrieved: waiters may all be gone

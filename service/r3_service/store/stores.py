@@ -20,32 +20,10 @@ from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 from redis.retry import Retry
 
-from r3_service.querytypes import parse_query_type
-from r3_service.store.records import QueryRecord, query_key
+from r3_service.rule.datasets import QueryRecord
+from r3_service.store.records import fields_to_record, record_to_fields
 
 log = logging.getLogger(__name__)
-
-
-def record_to_fields(query: str, record: QueryRecord) -> dict[str, str]:
-    fields = {"query": query}
-    if record.query_type is not None:
-        fields["query_type"] = record.query_type
-    if record.reference is not None:
-        fields["reference"] = record.reference
-    if record.classified_by is not None:
-        fields["classified_by"] = record.classified_by
-    return fields
-
-
-def fields_to_record(query_type: str | None, reference: str | None,
-                     classified_by: str | None = None) -> QueryRecord | None:
-    if query_type is None and reference is None:
-        return None
-    try:
-        parsed = parse_query_type(query_type) if query_type is not None else None
-    except ValueError:
-        parsed = None  # a foreign value in our key space: ignore it rather than fail scoring
-    return QueryRecord(parsed, reference, classified_by if parsed is not None else None)
 
 
 class MemoryStore:
@@ -138,18 +116,18 @@ class QueryStore:
         self.stats.misses += len(keys) - hits
         return found
 
-    async def put_many(self, records: Sequence[tuple[str, QueryRecord]]) -> None:
-        """Write (query, record) pairs — a classifier's answers — to the in-process copy and, when
-        Redis is up, to Redis (fields merge: a stored reference stays). Never raises."""
-        self.memory.put_many([(query_key(query), record) for query, record in records])
+    async def put_many(self, records: Sequence[tuple[str, str, QueryRecord]]) -> None:
+        """Write (key, query, record) triples — a classifier's answers — to the in-process copy
+        and, when Redis is up, to Redis (fields merge: a stored reference stays). Never raises."""
+        self.memory.put_many([(key, record) for key, _, record in records])
         if not records or not self._redis_usable():
             return
         assert self._redis is not None
         try:
             async with asyncio.timeout(self.timeout_s * 2):
                 async with self._redis.pipeline(transaction=False) as pipe:
-                    for query, record in records:
-                        pipe.hset(query_key(query), mapping=record_to_fields(query, record))
+                    for key, query, record in records:
+                        pipe.hset(key, mapping=record_to_fields(query, record))
                     await pipe.execute()
         except (RedisError, OSError, TimeoutError) as error:
             self._mark_down(error)

@@ -1,9 +1,11 @@
-"""Text-only parts of R3: response clean-up, word tokens, LI, RP, LPPO (spec, "Features")."""
+"""R3's text features (spec, "Features"): response clean-up, word tokens, LI, RP, LPPO, and the
+linear map f of the closed branch."""
 
 from __future__ import annotations
 
 import re
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 GENERIC_STOP_STRINGS: tuple[str, ...] = ("\n\n\n\n", "\n\n--", "\n\n____")
 
@@ -54,3 +56,17 @@ def linear_map(value: float, in_range: tuple[float, float], out_range: tuple[flo
 
 def collapse_whitespace(text: str) -> str:
     return " ".join(text.split())
+
+
+@dataclass(frozen=True)
+class Features:
+    """What R3 reads off a response's text alone."""
+
+    length_incentive: float
+    repetition_penalty: float
+    token_count: int
+
+
+def features(response: str) -> Features:
+    tokens = word_tokens(response)
+    return Features(length_incentive(tokens), repetition_penalty(tokens), len(tokens))

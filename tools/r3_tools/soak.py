@@ -17,8 +17,8 @@ from pathlib import Path
 
 import httpx
 
-from r3_service.loadgen import DATA, Target, Workload, closed_loop, make_pairs, open_loop, parse_mix
-from r3_service.loadtest import DEFAULT_MIX, describe, plot, summarize, timeline
+from r3_tools.loadgen import DATA, Target, Workload, closed_loop, make_pairs, open_loop, parse_mix
+from r3_tools.loadtest import DEFAULT_MIX, describe, plot, summarize, timeline
 
 
 def rss_mib(pid: int) -> float:
@@ -88,7 +88,7 @@ def markdown(report: dict, title: str) -> str:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m r3_service.soak", description=__doc__)
+    p = argparse.ArgumentParser(prog="python -m r3_tools.soak", description=__doc__)
     p.add_argument("--url", required=True)
     p.add_argument("--pid", type=int, required=True, help="the service process, for RSS")
     p.add_argument("--duration", type=float, default=600.0, help="soak seconds (default 600)")

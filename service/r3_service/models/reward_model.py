@@ -1,35 +1,22 @@
 """A sequence-classification reward model (`AutoModelForSequenceClassification`), e.g. the paper's
 OASST-RM (`OpenAssistant/reward-model-deberta-v3-large-v2`).
 
-It speaks the same tokenize/forward contract as the embedding model, so the scheduler batches
-its inputs across requests exactly as it batches texts to embed: one input is one (query,
-response) exchange, encoded as a single string key (`exchange_key`), and its "embedding" is a
-one-element row holding the reward.
+It speaks the same `BatchModel` contract as the embedding model, so the scheduler batches its
+inputs across requests exactly as it batches texts to embed: one input is one (query, response)
+pair, and its output row holds the reward.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Callable
 
 import torch
 
-from r3_service.backends.embedding import (
-    EmbeddingInfo,
-    pad_right,
-    pick_device,
-    pick_dtype,
-    resolve_model_path,
-)
-from r3_service.backends.templates import TEMPLATES
+from r3_service.models.base import ModelInfo, pad_right, pick_device, pick_dtype, resolve_model_path
+from r3_service.rule.templates import TEMPLATES
 
 log = logging.getLogger(__name__)
-
-
-def exchange_key(query: str, response: str) -> str:
-    """One unambiguous string per (query, response): the scheduler dedups and queues by string."""
-    return json.dumps([query, response], ensure_ascii=False)
 
 
 class RewardModel:
@@ -59,7 +46,7 @@ class RewardModel:
         # Pair inputs of BERT-style models mark the second segment with token type 1.
         self._segments = getattr(self.model.config, "type_vocab_size", 0) > 1 and input_format == "pair"
         self._encode = self._encoder(input_format)
-        self.info = EmbeddingInfo(
+        self.info = ModelInfo(
             model=model, path=path, normalize=False, max_length=self.max_length, dim=1,
             device=str(self.device), dtype=str(self.dtype).removeprefix("torch."), compiled=False,
         )
@@ -86,8 +73,9 @@ class RewardModel:
         template = TEMPLATES[input_format]
         return lambda q, r: tokenizer(template.render(q, r), truncation=True, max_length=limit)["input_ids"]
 
-    def tokenize(self, keys: list[str]) -> list[list[int]]:
-        return [self._encode(*json.loads(key)) for key in keys]
+    def tokenize(self, pairs: list[tuple[str, str]]) -> list[list[int]]:
+        """Token ids of (query, response) pairs in the configured input format."""
+        return [self._encode(query, response) for query, response in pairs]
 
     @torch.inference_mode()
     def forward(self, sequences: list[list[int]]) -> torch.Tensor:

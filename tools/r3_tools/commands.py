@@ -1,4 +1,4 @@
-"""Console entry points. Each checks that the extras it needs are installed before importing
+"""Every console script's entry point. Each checks that the extras it needs are installed before importing
 anything heavy or doing any work, so a missing dependency is one line naming the extra to
 install, never a traceback (or a crash after a long run)."""
 
@@ -43,25 +43,29 @@ def serve() -> int:
 
 
 def qtypes() -> int:
-    return _run("r3-qtypes", "r3_service.store.loader", ["service"])
+    return _run("r3-qtypes", "r3_tools.qtypes", ["service"])
 
 
 def qtype() -> int:
-    return _run("r3-qtype", "r3_service.qtype_cli", ["service"])
+    """Deprecated alias of `r3-qtypes` (one release)."""
+    require("r3-qtype", "service")
+    from r3_tools.qtypes import deprecated_main
+
+    return deprecated_main() or 0
 
 
 def bench() -> int:
-    return _run("r3-bench", "r3_service.bench", ["service", "bench"])
+    return _run("r3-bench", "r3_tools.bench", ["service", "bench"])
 
 
 def calibrate() -> int:
-    return _run("r3-calibrate", "r3_service.calibrate", ["service"])
+    return _run("r3-calibrate", "r3_tools.calibrate", ["service"])
 
 
 def loadtest() -> int:
     """The load test needs only httpx; it checks the bench extra itself once it has parsed a
     `--plot` (argparse knows its spellings, abbreviations included)."""
-    return _run("r3-loadtest", "r3_service.loadtest", [])
+    return _run("r3-loadtest", "r3_tools.loadtest", [])
 
 
 def train() -> int:

@@ -21,8 +21,8 @@ from urllib.parse import urlsplit
 
 import httpx
 
-from r3_service.backends.templates import extract_query
-from r3_service.store.records import read_records
+from r3_service.rule.datasets import read_records
+from r3_service.rule.templates import extract_query
 
 GROUP = 8
 DATA = Path(__file__).resolve().parents[2] / "data" / "alpacafarm_val.json"

@@ -1,5 +1,6 @@
-"""`r3-qtypes load PATH`: bulk-load query types and references into Redis.
-`r3-qtypes classify PATH`: the same, after a classifier has typed the records that have no type."""
+"""The store's admin commands: `r3-qtypes load PATH` bulk-loads query types and references into
+Redis; `r3-qtypes classify PATH` does the same after a classifier has typed the records that have
+no type."""
 
 from __future__ import annotations
 
@@ -17,12 +18,14 @@ from typing import TYPE_CHECKING
 
 import redis
 
+from r3_service.rule.datasets import CLASSIFIED_BY_FIELD, QueryRecord, read_records
+from r3_service.rule.templates import extract_query
 from r3_service.settings import DEFAULT_MODEL
-from r3_service.store.records import CLASSIFIED_BY_FIELD, QueryRecord, query_key, read_records
-from r3_service.store.stores import record_to_fields, redact_url
+from r3_service.store.records import query_key, record_to_fields
+from r3_service.store.stores import redact_url
 
 if TYPE_CHECKING:
-    from r3_service.backends.classifier import Label, QueryTypeClassifier
+    from r3_service.qtype.base import Label, QueryTypeClassifier
 
 BATCH = 1000
 Records = list[tuple[str, QueryRecord]]
@@ -103,7 +106,7 @@ async def classify_records(records: list[tuple[str, QueryRecord]], classifier: Q
                            client: redis.Redis | None, batch_size: int) -> tuple[Records, int, int]:
     """(records with the classifier's types filled in, queries classified, queries skipped because
     the store already has their type)."""
-    pending = {query_key(q): q for q, record in records if record.query_type is None}
+    pending = {query_key(q): extract_query(q) for q, record in records if record.query_type is None}
     skip = already_labelled(client, list(pending), classifier.id)
     todo = {key: query for key, query in pending.items() if key not in skip}
     labels = dict(zip(todo, await label_all(classifier, list(todo.values()), batch_size), strict=True))
@@ -119,7 +122,8 @@ async def classify_records(records: list[tuple[str, QueryRecord]], classifier: Q
 async def classify_with(args: argparse.Namespace, records: Records,
                         client: redis.Redis | None) -> tuple[Records, int, int, str]:
     """`classify_records` with the classifier the arguments name, built and closed in this loop."""
-    from r3_service.backends.classifier import build_classifier, lazy_embedder  # torch: only here
+    from r3_service.qtype import build_classifier  # torch: only here
+    from r3_tools.heads import lazy_embedder
 
     classifier = build_classifier(args.kind, embed=lazy_embedder(args.model, args.device),
                                   model_name=args.model, llm_url=args.llm_url, llm_model=args.llm_model,
@@ -168,9 +172,8 @@ def classify(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------------------------
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="r3-qtypes", description="Manage the R3 query-type store.")
-    commands = parser.add_subparsers(dest="command", required=True)
+def add_commands(commands: argparse._SubParsersAction) -> None:
+    """`load` and `classify` on the `r3-qtypes` parser."""
     loader = commands.add_parser("load", help="load a JSON array or JSONL of records into Redis")
     classifier = commands.add_parser("classify", help="type the records without a query type with a "
                                      "classifier, then load them all into Redis and/or a JSONL file")
@@ -189,7 +192,9 @@ def main(argv: list[str] | None = None) -> int:
     classifier.add_argument("--llm-api-key", default=os.environ.get("R3_QTYPE_LLM_API_KEY"),
                             help="default: $R3_QTYPE_LLM_API_KEY")
     classifier.add_argument("--timeout-s", type=float, default=10.0, help="per request to the endpoint")
-    args = parser.parse_args(argv)
+
+
+def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     if not args.path.is_file():
         parser.error(f"no such file: {args.path}")
     if args.command == "classify":
@@ -202,7 +207,3 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("no Redis URL: pass --redis-url or set R3_REDIS_URL "
                      "(for the in-process store, start the service with R3_QTYPES_FILE=PATH)")
     return load(args.path, args.redis_url)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

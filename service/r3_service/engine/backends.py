@@ -1,25 +1,29 @@
 """The reward backends a deployment configures: an R3 preset over an embedding model, a
 sequence-classification reward model, and a weighted ensemble of the two.
 
-Backends never touch a model directly: they are handed an `Infer` function (the engine's batching
-scheduler for their model), so concurrent requests share batches whichever backend they use.
+Backends never touch a model directly: they are handed an `Infer` function (the batching
+scheduler of their model), so concurrent requests share batches whichever backend they use.
 """
 
 from __future__ import annotations
 
 import asyncio
 import math
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Hashable, Sequence
 from dataclasses import dataclass, replace
 from typing import Protocol
 
 import torch
 
-from r3_service.backends.r3 import Preset, ResolvedItem, RuleParams, Scored, features, score
-from r3_service.backends.reward_model import exchange_key
+from r3_service.engine.pool import ModelPool, describe_model
+from r3_service.engine.scheduler import BatchScheduler
+from r3_service.rule.moments import RunningMoments
+from r3_service.rule.reward import PRESETS, Preset, ResolvedItem, RuleParams, Scored, plain, relevance, score
+from r3_service.settings import EnsembleSpec, R3BackendSpec, RewardModelSpec, Settings
 
-# Rows for distinct inputs, in order; the flags say which inputs are worth caching.
-Infer = Callable[[Sequence[str], Sequence[bool]], Awaitable[torch.Tensor]]
+# Output rows for distinct inputs, in order; the flags say which inputs are worth caching.
+Infer = Callable[[Sequence[Hashable], Sequence[bool]], Awaitable[torch.Tensor]]
+Queues = tuple[BatchScheduler, ...]
 
 
 class RewardBackend(Protocol):
@@ -64,7 +68,7 @@ class R3Backend:
         wanted = [(texts[p[1]], texts[item.response]) for p, item in zip(pairs, items, strict=True)
                   if p is not None]
         left, right = (torch.tensor(side) for side in zip(*wanted, strict=True))
-        dots = iter((embeddings[left] * embeddings[right]).sum(dim=-1).tolist())
+        dots = iter(relevance(embeddings[left], embeddings[right]).tolist())
         return [next(dots) if pair is not None else None for pair in pairs]
 
     def describe(self) -> dict[str, object]:
@@ -77,15 +81,6 @@ class R3Backend:
         }
 
 
-def plain(item: ResolvedItem, reward: float, members: dict[str, float] | None = None) -> Scored:
-    """A reward that is not R3's, with R3's cheap parts alongside for logging."""
-    f = features(item.response)
-    return Scored(reward=reward, length_incentive=f.length_incentive, repetition_penalty=f.repetition_penalty,
-                  relevance=None, relevance_target=None, query_type=item.query_type,
-                  query_type_source=item.query_type_source, reference_source=item.reference_source,
-                  members=members)
-
-
 class RewardModelBackend:
     uses_relevance = False
     uses_query_type = False
@@ -96,39 +91,14 @@ class RewardModelBackend:
         self.model = model
 
     async def score(self, items: list[ResolvedItem]) -> list[Scored]:
-        keys = [exchange_key(item.query, item.response) for item in items]
-        distinct = list(dict.fromkeys(keys))
+        pairs = [(item.query, item.response) for item in items]
+        distinct = list(dict.fromkeys(pairs))
         rows = await self.infer(distinct, [False] * len(distinct))
-        reward = {key: float(row[0]) for key, row in zip(distinct, rows, strict=True)}
-        return [plain(item, reward[key]) for item, key in zip(items, keys, strict=True)]
+        reward = {pair: float(row[0]) for pair, row in zip(distinct, rows, strict=True)}
+        return [plain(item, reward[pair]) for item, pair in zip(items, pairs, strict=True)]
 
     def describe(self) -> dict[str, object]:
         return {"kind": "hf-reward-model", **self.model}
-
-
-class RunningMoments:
-    """Mean and standard deviation of every value seen (Chan et al.'s parallel update)."""
-
-    def __init__(self) -> None:
-        self.count = 0
-        self.mean = 0.0
-        self._m2 = 0.0
-
-    def update(self, values: Sequence[float]) -> None:
-        if not values:
-            return
-        count = len(values)
-        mean = math.fsum(values) / count
-        m2 = math.fsum((v - mean) ** 2 for v in values)
-        total = self.count + count
-        delta = mean - self.mean
-        self._m2 += m2 + delta * delta * self.count * count / total
-        self.mean += delta * count / total
-        self.count = total
-
-    @property
-    def std(self) -> float:
-        return math.sqrt(self._m2 / self.count) if self.count > 1 else 1.0
 
 
 @dataclass
@@ -176,3 +146,50 @@ class EnsembleBackend:
             {"backend": m.backend.name, "weight": m.weight, "standardize": m.standardize,
              "mean": m.mean, "std": m.std, **({"count": m.moments.count} if m.moments else {})}
             for m in self.members]}
+
+
+def build_backends(settings: Settings, pool: ModelPool) -> tuple[dict[str, RewardBackend], dict[str, Queues]]:
+    """The configured backends, and the model queues each one's requests are admitted to;
+    ensembles after the backends they combine."""
+    backends: dict[str, RewardBackend] = {}
+    queues: dict[str, Queues] = {}
+    ordered = sorted(settings.backends.items(), key=lambda pair: isinstance(pair[1], EnsembleSpec))
+    for name, spec in ordered:
+        if isinstance(spec, R3BackendSpec):
+            backends[name], queues[name] = r3_backend(name, spec, settings, pool)
+        elif isinstance(spec, RewardModelSpec):
+            scheduler = pool.reward_model(spec)
+            backends[name], queues[name] = RewardModelBackend(name, scheduler.run, {
+                **describe_model(scheduler.model), "input_format": spec.input_format, "label": spec.label,
+            }), (scheduler,)
+        else:
+            backends[name] = EnsembleBackend(name, [
+                Member(backends[m.backend], m.weight, m.standardize, m.mean, m.std,
+                       RunningMoments() if m.standardize == "running" else None)
+                for m in spec.members])
+            queues[name] = tuple(dict.fromkeys(q for m in spec.members for q in queues[m.backend]))
+    return backends, queues
+
+
+def r3_backend(name: str, spec: R3BackendSpec, settings: Settings,
+               pool: ModelPool) -> tuple[R3Backend, Queues]:
+    preset = PRESETS[spec.preset]
+    model_name = spec.model or settings.model
+    normalize = spec.normalize if spec.normalize is not None else settings.normalize
+    # A rule without relevance never loads a model.
+    scheduler = pool.embedding(model_name, normalize) if preset.uses_relevance else None
+    normalized = scheduler.model.info.normalize if scheduler else bool(normalize)
+    in_range = spec.relevance_in_range or settings.relevance_in_range or (
+        (0.0, 1.0) if normalized else (0.0, 3.5))
+    params = RuleParams(
+        relevance_in_range=in_range,
+        relevance_out_range=(0.0, (spec.max_rollout_tokens or settings.max_rollout_tokens) / 100.0),
+        lppo_target_length=spec.lppo_target_length or settings.lppo_target_length,
+    )
+    if scheduler is None:
+        return R3Backend(name, preset, params, _no_embedding, {}), ()
+    return R3Backend(name, preset, params, scheduler.run, describe_model(scheduler.model)), (scheduler,)
+
+
+async def _no_embedding(texts: Sequence[str], cacheable: Sequence[bool]) -> torch.Tensor:
+    raise AssertionError("a preset without relevance asked for embeddings")

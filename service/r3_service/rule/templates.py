@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from r3_service.backends.text import collapse_whitespace
+from r3_service.rule.features import collapse_whitespace
 
 
 @dataclass(frozen=True)

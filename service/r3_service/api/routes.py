@@ -1,0 +1,208 @@
+"""The routes, on one APIRouter. Thin: validate, enforce limits, hand items to the engine, shape
+the answer. The engine, settings and metrics come as dependencies from the app's state."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable
+from typing import Annotated, TypeVar
+
+from fastapi import APIRouter, Depends, HTTPException, Request, Response
+from fastapi.responses import JSONResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from r3_service.api.middleware import body_size
+from r3_service.api.openrlhf import SampleError, to_raw_items
+from r3_service.api.schemas import (
+    Components,
+    ErrorResponse,
+    GetRewardRequest,
+    GetRewardResponse,
+    RewardRequest,
+    RewardResponse,
+)
+from r3_service.engine.backends import RewardBackend
+from r3_service.engine.engine import RewardEngine, UnknownBackend
+from r3_service.engine.resolve import RawItem
+from r3_service.metrics import Metrics
+from r3_service.rule.reward import Scored
+from r3_service.settings import Settings
+
+T = TypeVar("T")
+ERRORS = {400: {"model": ErrorResponse, "description": "The body is not JSON: invalid JSON, not UTF-8, "
+                                                       "or not sent as application/json"},
+          401: {"model": ErrorResponse, "description": "Missing or invalid API key (when keys are set)"},
+          413: {"model": ErrorResponse, "description": "Over a configured limit"},
+          422: {"description": "Invalid input; the message names the field"},
+          429: {"model": ErrorResponse, "description": "Queue full; retry after `Retry-After` seconds"}}
+
+
+def get_engine(request: Request) -> RewardEngine:
+    engine = getattr(request.app.state, "engine", None)
+    if engine is None:
+        raise HTTPException(503, "the model is still loading")
+    return engine
+
+
+def get_settings(request: Request) -> Settings:
+    return request.app.state.settings
+
+
+def get_metrics(request: Request) -> Metrics:
+    return request.app.state.metrics
+
+
+EngineDep = Annotated[RewardEngine, Depends(get_engine)]
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+MetricsDep = Annotated[Metrics, Depends(get_metrics)]
+router = APIRouter()
+
+
+class ClientGone(Exception):
+    """The client disconnected before its answer: nothing to send, nothing went wrong."""
+
+
+async def unless_disconnected(request: Request, work: Awaitable[T]) -> T:
+    """Run `work`, cancelling it if the client disconnects first (its queued texts are dropped)."""
+    task = asyncio.ensure_future(work)
+    gone = False
+
+    async def watch() -> None:
+        nonlocal gone
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+        gone = True
+        task.cancel()
+
+    watcher = asyncio.ensure_future(watch())
+    try:
+        return await task
+    except asyncio.CancelledError:
+        if gone:  # an ordinary event, not a crash for uvicorn to log with a traceback
+            raise ClientGone from None
+        raise
+    finally:
+        watcher.cancel()
+
+
+def check_limits(settings: Settings, count: int, texts: dict[str, str | None]) -> None:
+    """413 naming the limit: items per request, then characters per text."""
+    if count > settings.max_items:
+        raise HTTPException(413, f"{count} items exceed the limit of {settings.max_items} items "
+                                 "per request (R3_MAX_ITEMS)")
+    for field, text in texts.items():
+        if text is not None and len(text) > settings.max_text_chars:
+            raise HTTPException(413, f"{field} has {len(text)} characters, over the limit of "
+                                     f"{settings.max_text_chars} (R3_MAX_TEXT_CHARS)")
+
+
+def components(scored: Scored) -> Components:
+    return Components(
+        length_incentive=scored.length_incentive,
+        repetition_penalty=scored.repetition_penalty,
+        relevance=scored.relevance,
+        relevance_target=scored.relevance_target,
+        query_type=scored.query_type,
+        query_type_source=scored.query_type_source,  # type: ignore[arg-type]
+        reference_source=scored.reference_source,  # type: ignore[arg-type]
+        members=scored.members,
+    )
+
+
+def extra_logs(results: list[Scored], uses_relevance: bool) -> dict[str, list[float]]:
+    """Numeric per-sample logs, as OpenRLHF averages them into its training metrics."""
+    logs = {
+        "length_incentive": [r.length_incentive for r in results],
+        "repetition_penalty": [r.repetition_penalty for r in results],
+        "closed_branch": [float(r.relevance_target == "reference") for r in results],
+    }
+    if uses_relevance:
+        logs["relevance"] = [r.relevance or 0.0 for r in results]
+    for member in results[0].members or {} if results else {}:
+        logs[f"reward_{member}"] = [(r.members or {})[member] for r in results]
+    return logs
+
+
+
+
+async def score(request: Request, engine: RewardEngine, metrics: Metrics, items: list[RawItem],
+                backend: RewardBackend, endpoint: str) -> list[Scored]:
+    """Score on the engine, given up (499) if the client leaves first; counts the items."""
+    scoring = engine.score(items, backend, body_size(request.scope),
+                           getattr(request.state, "early_admission", None))
+    results = await unless_disconnected(request, scoring)
+    metrics.items.labels(endpoint, backend.name).inc(len(items))
+    return results
+
+
+def backend_named(engine: RewardEngine, name: str | None) -> RewardBackend:
+    try:
+        return engine.backend(name)
+    except UnknownBackend as error:
+        raise HTTPException(422, str(error)) from None
+
+
+@router.post("/reward", response_model=RewardResponse, responses=ERRORS)
+async def reward(body: RewardRequest, request: Request, engine: EngineDep, settings: SettingsDep,
+                 metrics: MetricsDep) -> RewardResponse:
+    """Score (query, response) items with R3; rewards come back in item order."""
+    check_limits(settings, len(body.items), {
+        f"items[{i}].{field}": getattr(item, field)
+        for i, item in enumerate(body.items) for field in ("query", "response", "reference")
+    })
+    backend = backend_named(engine, body.backend)
+    items = [RawItem(i.query, i.response, i.reference, i.query_type) for i in body.items]
+    results = await score(request, engine, metrics, items, backend, "/reward")
+    return RewardResponse(
+        rewards=[r.reward for r in results], backend=backend.name,
+        components=[components(r) for r in results] if body.return_components else None,
+    )
+
+
+@router.post("/get_reward", response_model=GetRewardResponse, responses=ERRORS)
+async def get_reward(body: GetRewardRequest, request: Request, engine: EngineDep, settings: SettingsDep,
+                     metrics: MetricsDep) -> GetRewardResponse:
+    """OpenRLHF remote reward model: `--remote_rm_url http://HOST:PORT/get_reward`."""
+    texts: dict[str, str | None] = {f"query[{i}]": q for i, q in enumerate(body.query)}
+    texts |= {f"prompts[{i}]": p for i, p in enumerate(body.prompts or [])}
+    texts |= {f"labels[{i}]": label if isinstance(label, str) else label and label.reference
+              for i, label in enumerate(body.labels or [])}
+    check_limits(settings, len(body.query), texts)
+    backend = backend_named(engine, body.backend)
+    try:
+        items = to_raw_items(body)
+    except SampleError as error:
+        raise HTTPException(422, str(error)) from None
+    results = await score(request, engine, metrics, items, backend, "/get_reward")
+    rewards = [r.reward for r in results]
+    return GetRewardResponse(rewards=rewards, scores=rewards,
+                             extra_logs=extra_logs(results, backend.uses_relevance))
+
+
+@router.get("/healthz")
+async def healthz() -> dict[str, str]:
+    """Liveness: the process answers."""
+    return {"status": "ok"}
+
+
+@router.get("/readyz", responses={503: {"description": "Model not loaded yet"}})
+async def readyz(request: Request) -> JSONResponse:
+    """Readiness: the model is loaded; also says which store is in use and its health."""
+    engine = getattr(request.app.state, "engine", None)
+    if engine is None:
+        return JSONResponse({"ready": False, "detail": "the model is still loading"}, 503)
+    return JSONResponse({"ready": True, "models": [{"model": m["model"], "device": m["device"]}
+                                                   for m in engine.models()],
+                         "store": engine.store.status()})
+
+
+@router.get("/metrics", response_class=Response)
+async def prometheus(metrics: MetricsDep) -> Response:
+    """Prometheus text format."""
+    return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+@router.get("/v1/info")
+async def info(engine: EngineDep) -> dict[str, object]:
+    """The scoring settings in force: every backend with its settings, and the loaded models."""
+    return {**engine.info(), "models": engine.models()}

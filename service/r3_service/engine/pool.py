@@ -1,0 +1,104 @@
+"""The model pool: each model loaded once, behind one batching scheduler, with its batch limits
+and a queue bound measured on this machine."""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable
+
+from r3_service.engine.scheduler import BatchLimits, BatchScheduler
+from r3_service.metrics import Metrics
+from r3_service.models.base import BatchModel
+from r3_service.models.embedding import EmbeddingModel
+from r3_service.models.reward_model import RewardModel
+from r3_service.settings import (
+    CPU_BATCH_SIZE,
+    CPU_BATCH_TOKENS,
+    GPU_BATCH_SIZE,
+    GPU_BATCH_TOKENS,
+    RewardModelSpec,
+    Settings,
+)
+
+log = logging.getLogger(__name__)
+
+MEASURED_PASSES = 3
+
+
+def batch_limits(settings: Settings, model: BatchModel) -> BatchLimits:
+    on_gpu = model.device.type == "cuda"
+    max_tokens = settings.max_batch_tokens or (GPU_BATCH_TOKENS if on_gpu else CPU_BATCH_TOKENS)
+    max_size = settings.max_batch_size or (GPU_BATCH_SIZE if on_gpu else CPU_BATCH_SIZE)
+    return BatchLimits(
+        max_tokens=max_tokens, max_size=max_size, max_wait_s=settings.max_wait_ms / 1000,
+        max_queue=settings.max_queue_items or measured_queue_bound(model, max_tokens, max_size,
+                                                                   settings.queue_seconds),
+    )
+
+
+def measured_queue_bound(model: BatchModel, max_tokens: int, max_size: int, seconds: float) -> int:
+    """Distinct texts the model clears in `seconds`: a full batch of 64-token texts, timed after
+    one warm-up pass (the fastest of MEASURED_PASSES). Never below `max_size`, so a batch-sized
+    request always fits."""
+    length = min(64, model.info.max_length)
+    count = max(1, min(max_size, max_tokens // length))
+    batch = [[1000 + (row + i) % 1000 for i in range(length)] for row in range(count)]
+    model.forward(batch)
+    fastest = math.inf
+    for _ in range(MEASURED_PASSES):  # the fastest pass: what the machine does undisturbed
+        started = time.perf_counter()
+        model.forward(batch)
+        fastest = min(fastest, time.perf_counter() - started)
+    bound = max(max_size, int(seconds * count / max(fastest, 1e-6)))
+    log.info("queue bound for %s: %d texts (%.1f s of work at the measured rate)",
+             model.info.model, bound, seconds)
+    return bound
+
+
+def describe_model(model: BatchModel) -> dict[str, object]:
+    info = model.info
+    return {"model": info.model, "model_path": info.path, "device": info.device, "dtype": info.dtype,
+            "compiled": info.compiled, "embedding_dim": info.dim, "normalize": info.normalize,
+            "max_length": info.max_length,
+            "truncation": "left" if isinstance(model, EmbeddingModel) else "right"}
+
+
+class ModelPool:
+    """Backends naming the same model share its weights, its queue and its output cache."""
+
+    def __init__(self, settings: Settings, metrics: Metrics) -> None:
+        self.settings = settings
+        self.metrics = metrics
+        self.schedulers: dict[tuple[object, ...], BatchScheduler] = {}
+        metrics.queue_depth.set_function(lambda: sum(s.queued for s in self.schedulers.values()))
+
+    def embedding(self, name: str, normalize: bool | None) -> BatchScheduler:
+        s = self.settings
+        return self._shared(("embedding", name, normalize), lambda: EmbeddingModel(
+            name, normalize=normalize, device=s.device, dtype=s.dtype, compile=s.compile))
+
+    def reward_model(self, spec: RewardModelSpec) -> BatchScheduler:
+        s = self.settings
+        return self._shared(("reward-model", spec.model, spec.input_format, spec.max_length, spec.label),
+                            lambda: RewardModel(spec.model, input_format=spec.input_format,
+                                                max_length=spec.max_length, label=spec.label,
+                                                device=s.device, dtype=s.dtype))
+
+    def _shared(self, key: tuple[object, ...], load: Callable[[], BatchModel]) -> BatchScheduler:
+        if key not in self.schedulers:
+            model = load()
+            s = self.settings
+            self.schedulers[key] = BatchScheduler(model, batch_limits(s, model), self.metrics,
+                                                  cache_size=s.embedding_cache_size,
+                                                  tokenizer_threads=s.tokenizer_threads)
+        return self.schedulers[key]
+
+    def start(self) -> None:
+        for scheduler in self.schedulers.values():
+            scheduler.start()
+
+    async def close(self) -> None:
+        for scheduler in self.schedulers.values():
+            await scheduler.close()

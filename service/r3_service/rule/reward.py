@@ -1,0 +1,180 @@
+"""The R3 rule and its ablation presets (spec, "The reward" and Table 4), in one page.
+
+    S(a, b) = E(a)·E(b)                          relevance: a dot product of embeddings
+    open, or closed without a reference:   R = LI(y) · S(x, y) · RP(y)
+    closed with a reference:               R = f(S(ref, y)) · RP(y)     f linear, not clipped
+
+A preset says which relevance pair it needs (if any) and how the parts combine. The engine embeds
+the pairs of a whole batch at once and computes S with `relevance` below; LI, RP and f are in
+`features`. Pure Python: no torch, no web framework.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal, Protocol, TypeVar
+
+from r3_service.rule.features import Features, features, linear_map, lppo
+from r3_service.rule.querytypes import QueryType
+
+RelevanceTarget = Literal["query", "reference"]
+
+
+@dataclass(frozen=True)
+class ResolvedItem:
+    """One item ready to score: clean texts and a known query type."""
+
+    query: str
+    response: str
+    reference: str | None
+    query_type: QueryType
+    query_type_source: str
+    reference_source: str | None
+
+
+@dataclass(frozen=True)
+class Scored:
+    """One item's reward and the parts it was made of (the API's `components`)."""
+
+    reward: float
+    length_incentive: float
+    repetition_penalty: float
+    relevance: float | None
+    relevance_target: RelevanceTarget | None
+    query_type: QueryType
+    query_type_source: str
+    reference_source: str | None
+    members: dict[str, float] | None = None  # an ensemble's parts, each after standardisation
+
+
+@dataclass(frozen=True)
+class RuleParams:
+    relevance_in_range: tuple[float, float]
+    relevance_out_range: tuple[float, float]
+    lppo_target_length: int
+
+
+class Rows(Protocol):
+    """(n, d) rows of numbers: a torch tensor or a numpy array."""
+
+    def __mul__(self, other: Rows, /) -> Rows: ...
+
+    def sum(self, axis: int, /) -> Rows: ...
+
+
+R = TypeVar("R", bound=Rows)
+
+
+def relevance(left: R, right: R) -> R:
+    """S row by row: the dot product of each left embedding with its right one, (n, d) -> (n,).
+    Normalised embeddings make it a cosine in [-1, 1]; raw ones (Contriever) are unbounded."""
+    return (left * right).sum(-1)  # type: ignore[return-value]
+
+
+def _closed_with_reference(item: ResolvedItem) -> bool:
+    return item.query_type == "closed" and item.reference is not None
+
+
+def _branch_target(item: ResolvedItem) -> RelevanceTarget:
+    return "reference" if _closed_with_reference(item) else "query"
+
+
+def _always_query(item: ResolvedItem) -> RelevanceTarget:
+    return "query"
+
+
+def _r3(item: ResolvedItem, f: Features, s: float | None, p: RuleParams) -> float:
+    assert s is not None
+    if _closed_with_reference(item):
+        return linear_map(s, p.relevance_in_range, p.relevance_out_range) * f.repetition_penalty
+    return f.length_incentive * s * f.repetition_penalty
+
+
+def _open_rule(item: ResolvedItem, f: Features, s: float | None, p: RuleParams) -> float:
+    assert s is not None
+    return f.length_incentive * s * f.repetition_penalty
+
+
+def random_query_type(query: str) -> QueryType:
+    """A fixed coin flip per query (hash-seeded), so re-scoring an item gives the same reward."""
+    return "closed" if hashlib.sha256(query.encode()).digest()[0] & 1 else "open"
+
+
+def _unchanged(item: ResolvedItem) -> ResolvedItem:
+    return item
+
+
+def _with_random_type(item: ResolvedItem) -> ResolvedItem:
+    return ResolvedItem(item.query, item.response, item.reference, random_query_type(item.query),
+                        "random", item.reference_source)
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    description: str
+    combine: Callable[[ResolvedItem, Features, float | None, RuleParams], float]
+    # Which text the response's relevance is measured against; None for a rule without relevance.
+    target: Callable[[ResolvedItem], RelevanceTarget] | None = None
+    # Whether the item's query type (from the request, store or classifier) can change the reward.
+    uses_query_type: bool = False
+    # Applied to each resolved item before anything else (r3-random-type re-draws the type).
+    prepare: Callable[[ResolvedItem], ResolvedItem] = _unchanged
+
+    @property
+    def uses_relevance(self) -> bool:
+        return self.target is not None
+
+    def relevance_pair(self, item: ResolvedItem) -> tuple[RelevanceTarget, str] | None:
+        if self.target is None:
+            return None
+        target = self.target(item)
+        return target, item.query if target == "query" else item.reference or ""
+
+
+PRESETS: dict[str, Preset] = {
+    preset.name: preset
+    for preset in (
+        Preset("r3", "LI·S(x,y)·RP on open queries; f(S(ref,y))·RP on closed ones with a reference",
+               _r3, _branch_target, uses_query_type=True),
+        Preset("r3-no-branch", "LI·S(x,y)·RP always (R3 without reference-answer relevance)",
+               _open_rule, _always_query),
+        Preset("li-rp", "LI·RP (no relevance)",
+               lambda item, f, s, p: f.length_incentive * f.repetition_penalty),
+        Preset("li", "LI only", lambda item, f, s, p: f.length_incentive),
+        Preset("r3-random-type", "full R3 with a random (hash-seeded) query type per item",
+               _r3, _branch_target, prepare=_with_random_type),
+        Preset("relevance", "S(x,y) only (hacked by copying the question)",
+               lambda item, f, s, p: float(s or 0.0), _always_query),
+        Preset("lppo", "1 - |len/T - 1| (Singhal et al.)",
+               lambda item, f, s, p: lppo(f.token_count, p.lppo_target_length)),
+    )
+}
+
+
+def score(preset: Preset, item: ResolvedItem, s: float | None, params: RuleParams) -> Scored:
+    """One item's reward and parts; `item` has been through `preset.prepare`, `s` is its S."""
+    f = features(item.response)
+    pair = preset.relevance_pair(item)
+    return Scored(
+        reward=float(preset.combine(item, f, s, params)),
+        length_incentive=f.length_incentive,
+        repetition_penalty=f.repetition_penalty,
+        relevance=s if pair is not None else None,
+        relevance_target=pair[0] if pair is not None else None,
+        query_type=item.query_type,
+        query_type_source=item.query_type_source,
+        reference_source=item.reference_source,
+    )
+
+
+def plain(item: ResolvedItem, reward: float, members: dict[str, float] | None = None) -> Scored:
+    """A reward that is not R3's (a reward model's, an ensemble's), with R3's cheap parts
+    alongside for logging."""
+    f = features(item.response)
+    return Scored(reward=reward, length_incentive=f.length_incentive, repetition_penalty=f.repetition_penalty,
+                  relevance=None, relevance_target=None, query_type=item.query_type,
+                  query_type_source=item.query_type_source, reference_source=item.reference_source,
+                  members=members)
