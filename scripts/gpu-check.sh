@@ -25,7 +25,7 @@ if [ "${1:-}" = "--fetch-wheels" ]; then
 fi
 
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
-export PYTHONPATH=/tmp/site:$PWD/service:$PWD/client:$PWD/trainer HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
+export PYTHONPATH=/tmp/site:$PWD/service:$PWD/client:$PWD/trainer:$PWD/tools HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
 OUT=${OUT:-bench/results}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
 # In-process scheduler tests only (the HTTP ones need redis-server, which the device may lack).

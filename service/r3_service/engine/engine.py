@@ -20,6 +20,7 @@ from r3_service.engine.resolve import RawItem, Resolver
 from r3_service.metrics import Metrics
 from r3_service.qtype import build_classifier
 from r3_service.qtype.base import QueryTypeClassifier
+from r3_service.qtype.llm import LlmClassifier
 from r3_service.rule.features import GENERIC_STOP_STRINGS
 from r3_service.rule.reward import Scored
 from r3_service.rule.templates import TEMPLATES
@@ -70,9 +71,8 @@ class RewardEngine:
         classifier = build_classifier(
             s.qtype_classifier, embed=embed, model_name=DEFAULT_MODEL, llm_url=s.qtype_llm_url,
             llm_model=s.qtype_llm_model, llm_api_key=s.qtype_llm_api_key, timeout_s=s.qtype_llm_timeout_s)
-        stats = getattr(classifier, "stats", None)
-        if stats is not None:
-            self.metrics.watch_llm(stats)
+        if isinstance(classifier, LlmClassifier):
+            self.metrics.watch_llm(classifier.stats)
         return classifier
 
     def start(self) -> None:
