@@ -260,11 +260,6 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     evaluator.add_argument("--head", type=Path, default=HEAD_PATH, help="default: the packaged head")
     evaluator.add_argument("--speed-queries", type=int, default=1000, help="queries to time (0: skip)")
     evaluator.add_argument("--markdown", action="store_true", help="print a Markdown table")
-    evaluator.add_argument("--llm-url", help="OpenAI-compatible base URL, e.g. http://127.0.0.1:8001/v1")
-    evaluator.add_argument("--llm-model", help="model name sent to the endpoint")
-    evaluator.add_argument("--llm-api-key", default=os.environ.get("R3_QTYPE_LLM_API_KEY"),
-                           help="default: $R3_QTYPE_LLM_API_KEY")
-    evaluator.add_argument("--timeout-s", type=float, default=10.0, help="per request to the endpoint")
 
 
 def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:

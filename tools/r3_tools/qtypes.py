@@ -4,6 +4,7 @@ in one command. `r3-qtype train|eval`, the old name, stays as an alias for one r
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from r3_tools import qtype_eval, store_admin
@@ -18,7 +19,18 @@ def parser(prog: str = "r3-qtypes") -> argparse.ArgumentParser:
     commands = root.add_subparsers(dest="command", required=True)
     store_admin.add_commands(commands)
     qtype_eval.add_commands(commands)
+    for name in ("classify", "eval"):
+        add_llm_arguments(commands.choices[name])
     return root
+
+
+def add_llm_arguments(command: argparse.ArgumentParser) -> None:
+    """The `llm` kind's endpoint, for the commands that can build one."""
+    command.add_argument("--llm-url", help="OpenAI-compatible base URL, e.g. http://127.0.0.1:8001/v1")
+    command.add_argument("--llm-model", help="model name sent to the endpoint")
+    command.add_argument("--llm-api-key", default=os.environ.get("R3_QTYPE_LLM_API_KEY"),
+                         help="default: $R3_QTYPE_LLM_API_KEY")
+    command.add_argument("--timeout-s", type=float, default=10.0, help="per request to the endpoint")
 
 
 def main(argv: list[str] | None = None) -> int:

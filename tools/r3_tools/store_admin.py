@@ -187,11 +187,6 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
                             help="embedding model of the learned kind (default: $R3_MODEL or MiniLM)")
     classifier.add_argument("--device", default="cpu")
     classifier.add_argument("--batch-size", type=int, default=256)
-    classifier.add_argument("--llm-url", help="OpenAI-compatible base URL, e.g. http://127.0.0.1:8001/v1")
-    classifier.add_argument("--llm-model", help="model name sent to the endpoint")
-    classifier.add_argument("--llm-api-key", default=os.environ.get("R3_QTYPE_LLM_API_KEY"),
-                            help="default: $R3_QTYPE_LLM_API_KEY")
-    classifier.add_argument("--timeout-s", type=float, default=10.0, help="per request to the endpoint")
 
 
 def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from r3_service.api.schemas import GetRewardRequest, Label
 from r3_service.engine.resolve import RawItem
-from r3_service.rule.templates import detect_template, extract_query
+from r3_service.rule.templates import detect_template
 
 
 class SampleError(ValueError):
@@ -42,7 +42,7 @@ def to_raw_items(request: GetRewardRequest) -> list[RawItem]:
             label = Label(reference=label)
         template = detect_template(prompt)
         items.append(RawItem(
-            query=extract_query(prompt),
+            query=prompt,  # the engine removes the template, once
             response=response,
             reference=label.reference if label else None,
             query_type=label.query_type if label else None,
