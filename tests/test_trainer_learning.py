@@ -18,11 +18,12 @@ import pytest
 import torch
 
 from conftest import free_port
+from r3_trainer.checkpoint import STATE_FILE, latest_checkpoint
 from r3_trainer.cli import main as cli_main
 from r3_trainer.config import load_config
 from r3_trainer.plot import read_log
 from r3_trainer.rewards import RewardServiceError
-from r3_trainer.trainer import STATE_FILE, PPOTrainer, latest_checkpoint
+from r3_trainer.trainer import PPOTrainer
 
 pytestmark = pytest.mark.slow  # real servers, training or process faults throughout
 

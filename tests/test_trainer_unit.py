@@ -2,17 +2,24 @@
 
 from __future__ import annotations
 
+import json
 import math
+import pkgutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+import r3_trainer
 from r3_service.rule.features import GENERIC_STOP_STRINGS
 from r3_service.rule.templates import TEMPLATES
 from r3_trainer import data, ppo
+from r3_trainer.checkpoint import moments_state
 from r3_trainer.config import ConfigError, TrainConfig, config_from_dict, load_config
-from r3_trainer.data import Record, format_prompt
+from r3_trainer.data import Record
+from r3_trainer.rollout import RolloutPipeline
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = ROOT / "trainer" / "configs"
@@ -141,7 +148,7 @@ def test_score_scaling_norm_baseline_and_running_moments():
     out = shaper(t(5.0, 5.0))
     assert torch.allclose(out, torch.full((2,), 1 / math.sqrt(2)), atol=1e-6)
     assert shaper.running.mean == pytest.approx(3.0)
-    assert shaper.running.std == pytest.approx(math.sqrt(2))
+    assert shaper.running.sample_std == pytest.approx(math.sqrt(2))
 
 
 def test_score_scaling_without_norm_and_clipping():
@@ -178,6 +185,10 @@ def test_stop_strings_are_the_services_own():
         assert data.stop_strings(name) == TEMPLATES[name].stop_strings + GENERIC_STOP_STRINGS
 
 
+def format_prompt(template: str, query: str, system: str | None = None) -> str:
+    return TEMPLATES[template].prompt(query, system)
+
+
 def test_prompt_formats():
     q = "Name a colour."
     assert format_prompt("vicuna", q) == (
@@ -194,6 +205,9 @@ def test_prompt_formats():
     assert format_prompt("alpaca", q) == (
         "Below is an instruction that describes a task. Write a response that appropriately completes the "
         "request.\n\n### Instruction:\nName a colour.\n\n### Response:\n")
+    # An empty system prompt is none, in every template.
+    assert format_prompt("vicuna", q, system="") == "USER: Name a colour. ASSISTANT:"
+    assert format_prompt("alpaca", q, system="") == "### Instruction:\nName a colour.\n\n### Response:\n"
     # The service finds the user's words again in each of them.
     for name in ("vicuna", "llama-2", "chatml", "alpaca"):
         assert TEMPLATES[name].user_text(format_prompt(name, q)).endswith("Name a colour.")
@@ -201,11 +215,18 @@ def test_prompt_formats():
 
 def test_records_split_and_order(tmp_path):
     jsonl = tmp_path / "d.jsonl"
-    jsonl.write_text('{"input": "a", "output": "A", "qtype": "OPENENDED"}\n\n{"input": "b", "output": " "}\n')
-    assert data.load_records(jsonl) == [Record("a", "A", "OPENENDED"), Record("b", None, None)]
-    (tmp_path / "bad.json").write_text('[{"output": "x"}]')
-    with pytest.raises(ValueError, match="record 1"):
+    jsonl.write_text('{"input": "a", "output": "A", "qtype": "OPENENDED"}\n\n{"input": "b", "output": " "}\n'
+                     '{"instruction": "c", "qtype": "CONSTRAINED"}\n')
+    # The service's reader: its field names and query-type spellings, a blank reference is none.
+    assert data.load_records(jsonl) == [Record("a", "A", "open"), Record("b", None, None),
+                                        Record("c", None, "closed")]
+    (tmp_path / "bad.json").write_text('[{"input": "ok"},\n {"output": "x"},\n'
+                                       ' {"input": "y", "qtype": "odd"}]')
+    with pytest.raises(ValueError, match=r"bad\.json: 2 malformed record\(s\): line 2: .*; line 3: qtype"):
         data.load_records(tmp_path / "bad.json")
+    (tmp_path / "empty.jsonl").write_text("\n")
+    with pytest.raises(ValueError, match="no records"):
+        data.load_records(tmp_path / "empty.jsonl")
 
     records = [Record(str(i), None, None) for i in range(10)]
     train, dev = data.split_dev(records, 3, seed=0)
@@ -217,6 +238,65 @@ def test_records_split_and_order(tmp_path):
     assert sorted(first) == list(range(7))  # an epoch visits each prompt once
     assert order.indices(3, 6) == first[3:] + order.indices(7, 2)  # positions continue across epochs
     assert data.PromptOrder(7, seed=5).indices(5, 4) == order.indices(5, 4)  # a function of the position
+
+
+def test_score_statistics_of_older_checkpoints_still_load():
+    # TRL-style state of [1, 3, 4, 4]: mean 3, population var 6/4 = 1.5, count 4 (+1e-24)
+    shaper = ppo.ScoreShaper()
+    old = {"mean": 3.0, "var": 1.5, "std": 1.4142, "count": 4 + 1e-24}
+    shaper.running.load_state_dict(moments_state(old))
+    assert (shaper.running.count, shaper.running.mean) == (4, 3.0)
+    assert shaper.running.sample_std == pytest.approx(math.sqrt(2))  # sqrt(6 / 3)
+    assert moments_state(shaper.running.state_dict()) == shaper.running.state_dict()
+
+
+class FakeRollout:
+    def __init__(self, position: int) -> None:
+        self.position = position
+        self.rewards = None
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+def test_rollout_pipeline_order_and_staleness(overlap):
+    made: list[int] = []
+
+    def make(position: int) -> FakeRollout:
+        made.append(position)
+        return FakeRollout(position)
+
+    pipeline = RolloutPipeline(make, position=64, stride=32, overlap=overlap)
+    steps = [pipeline.next(more=more) for more in (True, True, False)]
+    assert [current.position for current, _ in steps] == [64, 96, 128]  # every batch, in order
+    assert made == [64, 96, 128]  # each sampled once, none past the last step
+    sampled = [[r.position for r in generated] for _, generated in steps]
+    # With overlap, each step samples the next batch before the current one is trained on.
+    assert sampled == ([[64, 96], [128], []] if overlap else [[64], [96], [128]])
+
+
+# ------------------------------------------------------------------------------------ boundaries
+
+IMPORT_CHECK = """
+import importlib, json, sys
+for name in sys.argv[1:]:
+    importlib.import_module(name)
+print(json.dumps(sorted(n for n in sys.modules if n.startswith("r3_service.")
+                        and n != "r3_service.rule" and not n.startswith("r3_service.rule."))))
+"""
+
+
+def service_modules_imported_by(*modules: str) -> list[str]:
+    """The r3_service modules outside r3_service.rule that importing `modules` loads (fresh process)."""
+    done = subprocess.run([sys.executable, "-c", IMPORT_CHECK, *modules], capture_output=True, text=True,
+                          timeout=240, check=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_the_trainer_imports_only_the_rule_of_the_service():
+    modules = [f"r3_trainer.{m.name}" for m in pkgutil.iter_modules(r3_trainer.__path__)]
+    assert {"r3_trainer.trainer", "r3_trainer.rollout", "r3_trainer.data", "r3_trainer.ppo"} <= set(modules)
+    assert service_modules_imported_by(*modules) == []
+    # The check sees what it is looking for: the service's settings are outside the rule.
+    assert "r3_service.settings" in service_modules_imported_by("r3_trainer.data", "r3_service.settings")
 
 
 # ------------------------------------------------------------------------------------ config
@@ -253,13 +333,15 @@ def test_unknown_keys_are_rejected_with_a_suggestion(tmp_path):
 
 
 @pytest.mark.parametrize(("data", "message"), [
-    ({"learning_rate": "fast"}, "learning_rate: expected float"),
-    ({"steps": 1.5}, "steps: expected int"),
-    ({"overlap_generation": "yes"}, "overlap_generation: expected bool"),
-    ({"chat_template": "zephyr"}, "chat_template: 'zephyr' is not one of"),
-    ({"steps": 0}, "steps: must be >= 1"),
-    ({"top_p": 1.5}, "top_p: must be in"),
-    ({"lora": {"r": 0}}, "lora: needs r >= 1"),
+    ({"learning_rate": "fast"}, "learning_rate: Input should be a valid number, got 'fast'"),
+    ({"steps": 1.5}, "steps: Input should be a valid integer, got 1.5"),
+    ({"overlap_generation": "yes"}, "overlap_generation: Input should be a valid boolean"),
+    ({"chat_template": "zephyr"}, "chat_template: Input should be 'vicuna', 'llama-2', 'chatml' or 'alpaca'"),
+    ({"steps": 0}, "steps: Input should be greater than or equal to 1, got 0"),
+    ({"top_p": 1.5}, "top_p: Input should be less than or equal to 1"),
+    ({"score_clip": 0}, "score_clip: Input should be greater than 0"),
+    ({"lora": {"r": 0}}, r"lora\.r: Input should be greater than or equal to 1"),
+    ({"lora": {"target_modules": ["q", 3]}}, r"lora\.target_modules\[1\]: Input should be a valid string"),
     ({"tiny_random_llama": {}}, "exactly one of model_name_or_path and tiny_random_llama"),
     ({"use_score_scaling": False}, "use_score_norm: only applies"),
 ])
@@ -271,12 +353,15 @@ def test_invalid_values_are_rejected(data, message):
 def test_values_and_overrides_are_coerced():
     # PyYAML reads 1e-5 (no dot) as a string; it is still a float here. Overrides are YAML too.
     overrides = ["steps=7", "lora.r=8", "lora.target_modules=[q_proj, k_proj]", "reward_backend=null"]
-    cfg = config_from_dict({"model_name_or_path": "m", "learning_rate": "1e-5", "score_clip": None},
-                           overrides)
+    cfg = config_from_dict({"model_name_or_path": "m", "learning_rate": "1e-5", "score_clip": None,
+                            "kl_target": 6}, overrides)
     assert cfg.learning_rate == 1e-5 and cfg.score_clip is None and cfg.steps == 7
+    assert isinstance(cfg.kl_target, float) and cfg.to_dict()["lora"]["r"] == 8
     assert cfg.lora.r == 8 and cfg.lora.target_modules == ["q_proj", "k_proj"] and cfg.reward_backend is None
     with pytest.raises(ConfigError, match="expected KEY=VALUE"):
         config_from_dict({"model_name_or_path": "m"}, ["steps"])
+    given = {"model_name_or_path": "m", "lora": {"r": 4}}
+    assert config_from_dict(given, ["lora.r=8"]).lora.r == 8 and given["lora"]["r"] == 4  # not edited
 
 
 # ------------------------------------------------------------------------------------ model

@@ -21,7 +21,7 @@ _EXPORTS = {
     "ConfigError": "r3_trainer.config",
     "load_config": "r3_trainer.config",
     "PPOTrainer": "r3_trainer.trainer",
-    "latest_checkpoint": "r3_trainer.trainer",
+    "latest_checkpoint": "r3_trainer.checkpoint",
     "RewardServiceError": "r3_trainer.rewards",
     "RewardScorer": "r3_trainer.rewards",
     "plot_log": "r3_trainer.plot",

@@ -1,28 +1,21 @@
-"""Prompts: AlpacaFarm-format records, chat-template formatting, response clean-up, sampling order.
+"""Prompts: dataset records, response clean-up and the sampling order.
 
-The stop strings are the service's own (its template role prefixes plus the generic ones), so the
-text the trainer pays for is cut exactly where the service would cut it.
+Records are read by the service's own dataset reader, prompts written by its chat templates and
+rollouts cut at its stop strings (template role prefixes plus the generic ones), so the text the
+trainer pays for is cut exactly where the service would cut it.
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from r3_service.rule.datasets import read_records
 from r3_service.rule.features import GENERIC_STOP_STRINGS, clean_response
+from r3_service.rule.querytypes import QueryType
 from r3_service.rule.templates import TEMPLATES
-
-VICUNA_SYSTEM = (
-    "A chat between a curious user and an artificial intelligence assistant. "
-    "The assistant gives helpful, detailed, and polite answers to the user's questions."
-)
-ALPACA_SYSTEM = (
-    "Below is an instruction that describes a task. "
-    "Write a response that appropriately completes the request."
-)
 
 
 @dataclass(frozen=True)
@@ -31,27 +24,18 @@ class Record:
 
     query: str
     reference: str | None
-    query_type: str | None
+    query_type: QueryType | None
 
 
 def load_records(path: str | Path) -> list[Record]:
-    """A JSON array or JSONL of objects with `input`, optional `output` and `qtype`."""
-    text = Path(path).read_text()
-    stripped = text.lstrip()
-    if stripped.startswith("["):
-        rows = json.loads(text)
-    else:
-        rows = [json.loads(line) for line in text.splitlines() if line.strip()]
-    records = []
-    for number, row in enumerate(rows, 1):
-        if not isinstance(row, dict) or not isinstance(row.get("input"), str) or not row["input"].strip():
-            raise ValueError(f"{path}: record {number} has no non-empty string `input`")
-        reference = row.get("output")
-        records.append(Record(row["input"], reference if isinstance(reference, str) and reference.strip()
-                              else None, row.get("qtype")))
-    if not records:
+    """A JSON array or JSONL of objects with `input` (or `instruction`, `query`), optional `output`
+    (or `reference`) and `qtype`; any malformed record is an error, not a skipped prompt."""
+    rows, errors = read_records(Path(path), allow_bare=True)
+    if errors:
+        raise ValueError(f"{path}: {len(errors)} malformed record(s): {'; '.join(errors[:3])}")
+    if not rows:
         raise ValueError(f"{path}: no records")
-    return records
+    return [Record(query, row.reference, row.query_type) for query, row in rows]
 
 
 def split_dev(records: list[Record], dev_size: int, seed: int) -> tuple[list[Record], list[Record]]:
@@ -61,22 +45,6 @@ def split_dev(records: list[Record], dev_size: int, seed: int) -> tuple[list[Rec
     order = torch.randperm(len(records), generator=torch.Generator().manual_seed(seed)).tolist()
     shuffled = [records[i] for i in order]
     return shuffled[dev_size:], shuffled[:dev_size]
-
-
-def format_prompt(template: str, query: str, system: str | None = None) -> str:
-    """The prompt text for one user turn, ending where the assistant's words begin."""
-    if template == "vicuna":
-        return f"{VICUNA_SYSTEM if system is None else system} USER: {query} ASSISTANT:"
-    if template == "llama-2":
-        sys_block = f"<<SYS>>\n{system}\n<</SYS>>\n\n" if system else ""
-        return f"[INST] {sys_block}{query} [/INST]"
-    if template == "chatml":
-        sys_block = f"<|im_start|>system\n{system}<|im_end|>\n" if system else ""
-        return f"{sys_block}<|im_start|>user\n{query}<|im_end|>\n<|im_start|>assistant\n"
-    if template == "alpaca":
-        preamble = ALPACA_SYSTEM if system is None else system
-        return f"{preamble}\n\n### Instruction:\n{query}\n\n### Response:\n"
-    raise ValueError(f"unknown chat template {template!r}")
 
 
 def stop_strings(template: str) -> tuple[str, ...]:

@@ -116,6 +116,16 @@ class PolicyWithValueHead(nn.Module):
         return logits, values.float()
 
 
+def response_logprobs(
+    model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, response_ids: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(log-probs of the response tokens, values, logits) for prompt+response `ids`; `model` is the
+    policy or its DDP wrapper (training must go through the wrapper for gradients to sync)."""
+    logits, values = model(ids, mask, response_ids.shape[1])
+    logprobs = torch.log_softmax(logits, dim=-1).gather(-1, response_ids[..., None]).squeeze(-1)
+    return logprobs, values, logits
+
+
 def build_policy(cfg: TrainConfig, tokenizer: PreTrainedTokenizerBase) -> PolicyWithValueHead:
     base = load_base_model(cfg, tokenizer)
     if cfg.gradient_checkpointing:

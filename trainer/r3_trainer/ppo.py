@@ -7,10 +7,11 @@ response token, GAE over the response, whitened advantages, clipped policy and v
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
+
+from r3_service.rule.moments import RunningMoments
 
 
 def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -61,40 +62,11 @@ class FixedKLController(AdaptiveKLController):
 
 
 @dataclass
-class RunningMoments:
-    """Running mean/std of all scores seen so far (Chan et al.'s parallel update, as TRL's)."""
-
-    mean: float = 0.0
-    var: float = 1.0
-    std: float = 1.0
-    count: float = 1e-24
-
-    def update(self, xs: torch.Tensor) -> None:
-        xs = xs.double()
-        n = xs.numel()
-        batch_mean = xs.mean().item()
-        batch_var = xs.var(unbiased=False).item()
-        delta = batch_mean - self.mean
-        total = self.count + n
-        old_sum = self.var * self.count + delta**2 * self.count * n / total
-        self.mean += delta * n / total
-        self.var = (old_sum + batch_var * n) / total
-        self.std = math.sqrt(self.var * total / (total - 1)) if total > 1 else 1.0
-        self.count = total
-
-    def state_dict(self) -> dict[str, float]:
-        return {"mean": self.mean, "var": self.var, "std": self.std, "count": self.count}
-
-    def load_state_dict(self, state: dict[str, float]) -> None:
-        for key in ("mean", "var", "std", "count"):
-            setattr(self, key, float(state[key]))
-
-
-@dataclass
 class ScoreShaper:
     """raw score -> minus reward_baseline -> running scaling (and normalisation) -> clip.
 
-    The service returns raw R3; shaping is the trainer's side (spec, "The reward").
+    The service returns raw R3; shaping is the trainer's side (spec, "The reward"). The running
+    moments are the service's own (an ensemble's `running` standardisation uses them too).
     """
 
     use_scaling: bool = True
@@ -110,8 +82,8 @@ class ScoreShaper:
         scores = scores.double() - self.baseline
         if self.use_scaling:
             batch = scores if all_scores is None else all_scores.double() - self.baseline
-            self.running.update(batch)
-            scale = self.running.std + torch.finfo(torch.float32).eps
+            self.running.update(batch.tolist())
+            scale = self.running.sample_std + torch.finfo(torch.float32).eps  # TRL's: Bessel-corrected
             scores = (scores - self.running.mean) / scale if self.use_norm else scores / scale
         if self.clip is not None:
             scores = scores.clamp(-self.clip, self.clip)

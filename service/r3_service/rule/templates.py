@@ -1,4 +1,5 @@
-"""Chat templates: find the user's words in a templated prompt and the role prefixes to stop at.
+"""Chat templates: find the user's words in a templated prompt and the role prefixes to stop at,
+and write a prompt in one (the trainer's rollouts), so each template's text lives only here.
 
 Trainers such as OpenRLHF hold only the templated text, but relevance must be computed on what
 the user asked (spec, "Queries inside chat templates").
@@ -11,6 +12,15 @@ from dataclasses import dataclass
 
 from r3_service.rule.features import collapse_whitespace
 
+VICUNA_SYSTEM = (
+    "A chat between a curious user and an artificial intelligence assistant. "
+    "The assistant gives helpful, detailed, and polite answers to the user's questions."
+)
+ALPACA_SYSTEM = (
+    "Below is an instruction that describes a task. "
+    "Write a response that appropriately completes the request."
+)
+
 
 @dataclass(frozen=True)
 class ChatTemplate:
@@ -20,10 +30,19 @@ class ChatTemplate:
     assistant_marker: str  # the response starts after the last one of these
     stop_strings: tuple[str, ...]  # role prefixes: a response is cut at the first one
     exchange: str  # one user turn and its answer, for models that read templated text
+    prompt_format: str  # one user turn, up to where the answer starts; {system} is `system_block`
+    system_block: str = "{system}"  # how a system prompt enters the prompt
+    default_system: str = ""  # the system prompt the template is usually used with
     drop: re.Pattern[str] | None = None  # removed from a user turn (e.g. a system block)
 
     def render(self, query: str, response: str) -> str:
         return self.exchange.format(query=query, response=response)
+
+    def prompt(self, query: str, system: str | None = None) -> str:
+        """The prompt for one user turn; `system` None takes the template's usual one, "" none."""
+        system = self.default_system if system is None else system
+        block = self.system_block.format(system=system) if system else ""
+        return self.prompt_format.format(system=block, query=query)
 
     def user_text(self, text: str) -> str:
         turns = (match.group(1) for match in self.user_turn.finditer(text))
@@ -51,6 +70,8 @@ TEMPLATES: dict[str, ChatTemplate] = {
             assistant_marker="<|im_start|>assistant\n",
             stop_strings=("<|im_start|>", "<|im_end|>", "<|endoftext|>"),
             exchange="<|im_start|>user\n{query}<|im_end|>\n<|im_start|>assistant\n{response}<|im_end|>",
+            prompt_format="{system}<|im_start|>user\n{query}<|im_end|>\n<|im_start|>assistant\n",
+            system_block="<|im_start|>system\n{system}<|im_end|>\n",
         ),
         ChatTemplate(
             name="llama-2",
@@ -59,6 +80,8 @@ TEMPLATES: dict[str, ChatTemplate] = {
             assistant_marker="[/INST]",
             stop_strings=("[INST]", "[/INST]", "</s>"),
             exchange="[INST] {query} [/INST] {response}",
+            prompt_format="[INST] {system}{query} [/INST]",
+            system_block="<<SYS>>\n{system}\n<</SYS>>\n\n",
             drop=re.compile(r"<<SYS>>.*?<</SYS>>", _S),
         ),
         ChatTemplate(
@@ -68,6 +91,9 @@ TEMPLATES: dict[str, ChatTemplate] = {
             assistant_marker="### Response:",
             stop_strings=("### Instruction:", "### Input:", "### Response:"),
             exchange="### Instruction:\n{query}\n\n### Response:\n{response}",
+            prompt_format="{system}### Instruction:\n{query}\n\n### Response:\n",
+            system_block="{system}\n\n",
+            default_system=ALPACA_SYSTEM,
         ),
         ChatTemplate(
             name="vicuna",
@@ -76,6 +102,9 @@ TEMPLATES: dict[str, ChatTemplate] = {
             assistant_marker="ASSISTANT:",
             stop_strings=("USER:", "ASSISTANT:", "</s>"),
             exchange="USER: {query} ASSISTANT: {response}",
+            prompt_format="{system}USER: {query} ASSISTANT:",
+            system_block="{system} ",
+            default_system=VICUNA_SYSTEM,
         ),
         ChatTemplate(
             name="anthropic-hh",
@@ -84,6 +113,7 @@ TEMPLATES: dict[str, ChatTemplate] = {
             assistant_marker="\n\nAssistant:",
             stop_strings=("\n\nHuman:", "\n\nAssistant:"),
             exchange="\n\nHuman: {query}\n\nAssistant: {response}",
+            prompt_format="{system}\n\nHuman: {query}\n\nAssistant:",
         ),
     )
 }
