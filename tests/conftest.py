@@ -1,4 +1,6 @@
-"""Real parts for the tests: redis-server processes and r3-serve (uvicorn) processes on 127.0.0.1."""
+"""Parts for the tests: the app in this process (an ASGI test client, no port), and the real
+parts the integration tests need: redis-server processes and r3-serve (uvicorn) processes on
+127.0.0.1."""
 
 from __future__ import annotations
 
@@ -10,11 +12,18 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import httpx
 import pytest
+
+if TYPE_CHECKING:
+    from fastapi.testclient import TestClient
+
+    from r3_service.settings import Settings
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -25,7 +34,7 @@ DATA = ROOT / "data" / "alpacafarm_val.json"
 
 # Fixtures that start a real redis-server or r3-serve: a test using one (directly or through
 # another fixture) is `slow`. Tests that start processes themselves carry the mark by hand.
-SERVER_FIXTURES = {"redis_server", "service", "configured", "deployment", "tight", "keyed", "flaky_service"}
+SERVER_FIXTURES = {"redis_server", "service", "tight", "keyed", "flaky_service"}
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -144,6 +153,37 @@ def service(redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory)
 @pytest.fixture(scope="session")
 def server_url(service: ServiceProcess) -> str:
     return service.url
+
+
+def app_settings(**settings: object) -> Settings:
+    """`Settings(**settings)` without this environment's R3_* variables."""
+    from r3_service.settings import Settings
+
+    with pytest.MonkeyPatch.context() as env:
+        for name in [name for name in os.environ if name.startswith("R3_")]:
+            env.delenv(name)
+        return Settings(**settings)
+
+
+@contextmanager
+def in_process(**settings: object) -> Iterator[TestClient]:
+    """The app of `create_app(app_settings(**settings))` in this process, lifespan and all
+    (models loaded, engine started), behind an ASGI test client: no port, no uvicorn. The queue
+    bound is fixed unless given (measuring it takes seconds at start-up; no test here is about it)."""
+    from fastapi.testclient import TestClient
+
+    from r3_service.api.app import create_app
+
+    with TestClient(create_app(app_settings(**{"max_queue_items": 4096, **settings}))) as client:
+        yield client
+
+
+@pytest.fixture(scope="session")
+def app_client() -> Iterator[TestClient]:
+    """The default app in this process: every preset, the packaged MiniLM, the learned classifier,
+    the in-process store."""
+    with in_process() as client:
+        yield client
 
 
 @pytest.fixture(scope="session")

@@ -8,13 +8,13 @@ import statistics
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import pytest
 import torch
 import yaml
+from fastapi.testclient import TestClient
 from pydantic import ValidationError
 
-from conftest import ROOT, ServiceProcess, save_tiny_bert, start_service
+from conftest import ROOT, in_process, save_tiny_bert
 from r3_service.models.reward_model import RewardModel
 from r3_service.rule.moments import RunningMoments
 from r3_service.rule.templates import TEMPLATES
@@ -144,9 +144,9 @@ def test_example_configs_are_valid(path: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def deployment(tmp_path_factory: pytest.TempPathFactory, tiny_rm: Path) -> Iterator[ServiceProcess]:
-    """A service whose backends come from a config file: two R3 backends on one model, a reward
-    model, and an ensemble of them."""
+def deployment(tmp_path_factory: pytest.TempPathFactory, tiny_rm: Path) -> Iterator[TestClient]:
+    """An app (in this process) whose backends come from a config file: two R3 backends on one
+    model, a reward model, and an ensemble of them."""
     tmp = tmp_path_factory.mktemp("deployment")
     path = write_config(tmp, {"default_backend": "r3", "backends": {
         "r3": {"kind": "r3"},
@@ -158,14 +158,12 @@ def deployment(tmp_path_factory: pytest.TempPathFactory, tiny_rm: Path) -> Itera
         "mix-running": {"kind": "ensemble", "members": [
             {"backend": "r3", "weight": 2.0, "standardize": "running"}, {"backend": "rm", "weight": -1.0}]},
     }})
-    proc = start_service(tmp, R3_CONFIG=str(path))
-    yield proc
-    proc.stop()
+    with in_process(config=str(path)) as client:
+        yield client
 
 
-def score(url: str, backend: str, items: list[dict]) -> dict:
-    got = httpx.post(f"{url}/reward", json={"items": items, "backend": backend, "return_components": True},
-                     timeout=60)
+def score(client: TestClient, backend: str, items: list[dict]) -> dict:
+    got = client.post("/reward", json={"items": items, "backend": backend, "return_components": True})
     assert got.status_code == 200, got.text
     return got.json()
 
@@ -173,8 +171,8 @@ def score(url: str, backend: str, items: list[dict]) -> dict:
 CLOSED = [{"query": QUERY, "response": r, "reference": "Paris.", "query_type": "closed"} for r in RESPONSES]
 
 
-def test_info_lists_backends_and_shares_models(deployment: ServiceProcess, tiny_rm: Path) -> None:
-    info = httpx.get(f"{deployment.url}/v1/info").json()
+def test_info_lists_backends_and_shares_models(deployment: TestClient, tiny_rm: Path) -> None:
+    info = deployment.get("/v1/info").json()
     assert set(info["backends"]) == {"r3", "r3-wide", "rm", "mix", "mix-running"}
     rm = info["backends"]["rm"]
     assert rm["kind"] == "hf-reward-model" and rm["model"] == str(tiny_rm)
@@ -186,8 +184,8 @@ def test_info_lists_backends_and_shares_models(deployment: ServiceProcess, tiny_
     assert sorted(m["model"] for m in info["models"]) == sorted([DEFAULT_MODEL, str(tiny_rm)])
 
 
-def test_backends_are_picked_per_request(deployment: ServiceProcess, tiny_rm: Path) -> None:
-    r3, wide, rm = (score(deployment.url, name, CLOSED) for name in ("r3", "r3-wide", "rm"))
+def test_backends_are_picked_per_request(deployment: TestClient, tiny_rm: Path) -> None:
+    r3, wide, rm = (score(deployment, name, CLOSED) for name in ("r3", "r3-wide", "rm"))
     assert r3["backend"] == "r3" and rm["backend"] == "rm"
     # Same relevance, another linear map: f(s) = (s + 1) / 2 * 10.24 instead of s * 5.12.
     for a, b in zip(r3["components"], wide["components"], strict=True):
@@ -202,8 +200,8 @@ def test_backends_are_picked_per_request(deployment: ServiceProcess, tiny_rm: Pa
     assert all(c["relevance"] is None and c["length_incentive"] > 0 for c in rm["components"])
 
 
-def test_ensemble_is_the_weighted_sum_of_standardised_members(deployment: ServiceProcess) -> None:
-    r3, rm, mix = (score(deployment.url, name, CLOSED) for name in ("r3", "rm", "mix"))
+def test_ensemble_is_the_weighted_sum_of_standardised_members(deployment: TestClient) -> None:
+    r3, rm, mix = (score(deployment, name, CLOSED) for name in ("r3", "rm", "mix"))
     expected = [a + 0.5 * (b - 0.25) / 2.0 for a, b in zip(r3["rewards"], rm["rewards"], strict=True)]
     assert mix["rewards"] == pytest.approx(expected, abs=1e-5)
     first = mix["components"][0]
@@ -211,10 +209,10 @@ def test_ensemble_is_the_weighted_sum_of_standardised_members(deployment: Servic
     assert first["relevance"] == pytest.approx(r3["components"][0]["relevance"])  # R3's parts kept
 
 
-def test_running_standardisation_uses_every_reward_seen(deployment: ServiceProcess) -> None:
+def test_running_standardisation_uses_every_reward_seen(deployment: TestClient) -> None:
     seen: list[float] = []
     for batch in (CLOSED[:2], CLOSED[1:]):
-        r3, rm, mix = (score(deployment.url, name, batch) for name in ("r3", "rm", "mix-running"))
+        r3, rm, mix = (score(deployment, name, batch) for name in ("r3", "rm", "mix-running"))
         seen += r3["rewards"]
         mean, std = statistics.fmean(seen), statistics.pstdev(seen)
         expected = [2.0 * (a - mean) / std - b for a, b in zip(r3["rewards"], rm["rewards"], strict=True)]
@@ -222,15 +220,15 @@ def test_running_standardisation_uses_every_reward_seen(deployment: ServiceProce
         assert all(math.isfinite(r) for r in mix["rewards"])
 
 
-def test_openrlhf_logs_each_ensemble_member(deployment: ServiceProcess) -> None:
-    got = httpx.post(f"{deployment.url}/get_reward", timeout=60, json={
+def test_openrlhf_logs_each_ensemble_member(deployment: TestClient) -> None:
+    got = deployment.post("/get_reward", json={
         "query": [f"USER: {QUERY} ASSISTANT: {RESPONSES[0]}"], "backend": "mix"}).json()
     assert set(got["extra_logs"]) >= {"reward_r3", "reward_rm", "relevance", "length_incentive"}
     assert got["rewards"][0] == pytest.approx(got["extra_logs"]["reward_r3"][0]
                                               + 0.5 * got["extra_logs"]["reward_rm"][0], abs=1e-6)
 
 
-def test_unknown_backend_lists_the_configured_names(deployment: ServiceProcess) -> None:
-    got = httpx.post(f"{deployment.url}/reward", json={"items": CLOSED[:1], "backend": "li"}, timeout=60)
+def test_unknown_backend_lists_the_configured_names(deployment: TestClient) -> None:
+    got = deployment.post("/reward", json={"items": CLOSED[:1], "backend": "li"})
     assert got.status_code == 422
     assert all(name in got.json()["detail"] for name in ("r3", "r3-wide", "rm", "mix", "mix-running"))

@@ -492,6 +492,10 @@ def test_service_with_the_llm_classifier(chat_server: ChatServer, tmp_path: Path
         asked = len(chat_server.requests)
         assert reward_sources(proc.url, items) == [("closed", "classifier"), ("open", "classifier")]
         assert len(chat_server.requests) == asked  # answered from the store, not asked again
+        metrics = httpx.get(f"{proc.url}/metrics", timeout=10).text
+        assert f"r3_qtype_llm_requests_total {float(asked)}" in metrics
+        assert 'r3_qtype_llm_queries_total{answered_by="endpoint"} 2.0' in metrics
+        assert 'r3_qtype_llm_queries_total{answered_by="fallback"} 0.0' in metrics
     finally:
         proc.stop()
 

@@ -1,4 +1,5 @@
-"""Unit tests of r3_client against a small scripted HTTP server (no r3 service, no model)."""
+"""Unit tests of r3_client against a small scripted HTTP server (no r3 service, no model). The waits
+between attempts are recorded (`Sleeps`), not slept."""
 
 from __future__ import annotations
 
@@ -36,7 +37,7 @@ from r3_client import (
     ScoredBatch,
     adapters,
 )
-from r3_client._core import parse_retry_after, to_item
+from r3_client._core import Done, Request, Sleep, advance, parse_retry_after, to_item
 
 # --------------------------------------------------------------------------- scripted server
 
@@ -176,24 +177,53 @@ FAST = {"backoff": 0.01, "max_backoff": 0.05}
 Use = Callable[..., Any]
 
 
+@dataclass
+class Sleeps:
+    """The waits the clients ask for between attempts, recorded instead of slept; `then(n)` runs
+    after the n-th (what the world does meanwhile)."""
+
+    asked: list[float] = field(default_factory=list)
+    then: Callable[[int], None] = lambda count: None
+
+    def sync(self, seconds: float) -> None:
+        self.asked.append(seconds)
+        self.then(len(self.asked))
+
+    async def async_(self, seconds: float) -> None:
+        self.sync(seconds)
+
+
+@pytest.fixture
+def sleeps() -> Sleeps:
+    return Sleeps()
+
+
 @pytest.fixture(params=["sync", "async"])
-def use(request: pytest.FixtureRequest) -> Use:
+def use(request: pytest.FixtureRequest, sleeps: Sleeps) -> Use:
     """`use(url, method, *args, client=dict(options), **kwargs)`: one call through a fresh client,
-    the sync `RewardClient` or the `AsyncRewardClient` (every test using this runs with both)."""
+    the sync `RewardClient` or the `AsyncRewardClient` (every test using this runs with both),
+    whose waits between attempts go to `sleeps`."""
 
     def call(url: str, method: str, *args: Any, client: dict[str, Any] | None = None, **kwargs: Any) -> Any:
-        options = {**FAST, **(client or {})}
+        options = client or {}
         if request.param == "sync":
-            with RewardClient(url, **options) as sync_client:
+            with RewardClient(url, sleep=sleeps.sync, **options) as sync_client:
                 return getattr(sync_client, method)(*args, **kwargs)
 
         async def run() -> Any:
-            async with AsyncRewardClient(url, **options) as async_client:
+            async with AsyncRewardClient(url, sleep=sleeps.async_, **options) as async_client:
                 return await getattr(async_client, method)(*args, **kwargs)
 
         return asyncio.run(run())
 
     return call
+
+
+def assert_backoff(waits: list[float], backoff: float, max_backoff: float) -> None:
+    """Exponential backoff with equal jitter: wait n is in [c/2, c], c = min(max, backoff * 2^(n-1))."""
+    for retry, wait in enumerate(waits, start=1):
+        ceiling = min(max_backoff, backoff * 2 ** (retry - 1))
+        assert ceiling / 2 <= wait <= ceiling, (retry, wait, ceiling)
 
 
 # --------------------------------------------------------------------------- scoring
@@ -279,76 +309,128 @@ def test_wrong_reward_count_is_an_error_not_retried(use: Use, server: ScriptedSe
 # --------------------------------------------------------------------------- retries
 
 
-def test_retry_after_is_honoured(use: Use, server: ScriptedServer) -> None:
-    server.script.append(Reply(429, {"detail": "overloaded"}, {"Retry-After": "1"}))
-    start = time.monotonic()
-    assert use(server.url, "score", [("q", "abc")], client={"max_backoff": 5.0}) == [3.0]
-    assert time.monotonic() - start >= 0.95  # backoff alone would have waited ~10 ms
+def test_retry_after_is_honoured(use: Use, server: ScriptedServer, sleeps: Sleeps) -> None:
+    server.script.append(Reply(429, {"detail": "overloaded"}, {"Retry-After": "7"}))
+    assert use(server.url, "score", [("q", "abc")], client={"backoff": 0.01, "max_backoff": 30}) == [3.0]
+    assert sleeps.asked == [7.0]  # the server's word, not the ~10 ms backoff
     assert len(server.requests) == 2
 
 
-def test_retry_after_is_capped_by_max_backoff(use: Use, server: ScriptedServer) -> None:
+def test_retry_after_is_capped_by_max_backoff(use: Use, server: ScriptedServer, sleeps: Sleeps) -> None:
     server.script.append(Reply(429, {"detail": "overloaded"}, {"Retry-After": "120"}))
-    start = time.monotonic()
-    assert use(server.url, "score", [("q", "abc")], client={"max_backoff": 0.2}) == [3.0]
-    assert time.monotonic() - start < 5
+    assert use(server.url, "score", [("q", "abc")], client={"max_backoff": 2.5}) == [3.0]
+    assert sleeps.asked == [2.5]
     assert len(server.requests) == 2
 
 
 @pytest.mark.parametrize("status", [429, 500, 502, 503, 504])
-def test_transient_statuses_are_retried(use: Use, server: ScriptedServer, status: int) -> None:
+def test_transient_statuses_are_retried(use: Use, server: ScriptedServer, sleeps: Sleeps,
+                                        status: int) -> None:
     server.script.extend([Reply(status, {"detail": "not now"}), Reply(status, raw=b"<html>oops</html>")])
-    assert use(server.url, "score", [("q", "ab")]) == [2.0]
+    assert use(server.url, "score", [("q", "ab")], client={"backoff": 0.5, "max_backoff": 20}) == [2.0]
     assert len(server.requests) == 3
+    assert len(sleeps.asked) == 2
+    assert_backoff(sleeps.asked, 0.5, 20)
 
 
 @pytest.mark.parametrize("status", [400, 401, 404, 413, 422, 501])
-def test_other_errors_are_not_retried(use: Use, server: ScriptedServer, status: int) -> None:
-    server.script.append(Reply(status, {"detail": f"nope {status}"}))
+def test_other_errors_are_not_retried(use: Use, server: ScriptedServer, sleeps: Sleeps, status: int) -> None:
+    server.script.append(Reply(status, {"detail": f"nope {status}"}, {"Retry-After": "1"}))
     with pytest.raises(R3HTTPError) as caught:
         use(server.url, "score", [("q", "ab")])
     assert caught.value.status == status
     assert caught.value.detail == f"nope {status}"
     assert f"HTTP {status}" in str(caught.value) and f"nope {status}" in str(caught.value)
-    assert len(server.requests) == 1
+    assert len(server.requests) == 1 and sleeps.asked == []
 
 
-def test_gives_up_after_max_retries(use: Use, server: ScriptedServer) -> None:
+def test_gives_up_after_max_retries(use: Use, server: ScriptedServer, sleeps: Sleeps) -> None:
     server.script.extend(Reply(503, raw=b"starting up") for _ in range(10))
     with pytest.raises(R3HTTPError) as caught:
         use(server.url, "score", [("q", "ab")], client={"max_retries": 2})
     assert (caught.value.status, caught.value.detail, caught.value.attempts) == (503, "starting up", 3)
     assert "after 3 attempts" in str(caught.value)
     assert len(server.requests) == 3
+    assert len(sleeps.asked) == 2  # between attempts, none after the last
 
 
-def test_connection_refused_is_retried_then_raised(use: Use) -> None:
+def test_connection_refused_is_retried_then_raised(use: Use, sleeps: Sleeps) -> None:
     url = f"http://127.0.0.1:{free_port()}"
     with pytest.raises(R3ClientError) as caught:
-        use(url, "score", [("q", "ab")], client={"max_retries": 2})
+        use(url, "score", [("q", "ab")], client={"max_retries": 2, "backoff": 1.0, "max_backoff": 1.5})
     assert not isinstance(caught.value, R3HTTPError)
     assert isinstance(caught.value.__cause__, httpx.ConnectError)
     assert "after 3 attempts" in str(caught.value) and url in str(caught.value)
+    assert len(sleeps.asked) == 2
+    assert_backoff(sleeps.asked, 1.0, 1.5)
 
 
-def test_connection_refused_until_the_server_comes_up(use: Use) -> None:
+def test_connection_refused_until_the_server_comes_up(use: Use, sleeps: Sleeps) -> None:
     port = free_port()
     started: list[ScriptedServer] = []
-    timer = threading.Timer(0.4, lambda: started.append(ScriptedServer(port)))
-    timer.start()
+    sleeps.then = lambda count: started.append(ScriptedServer(port)) if count == 3 else None
     try:
-        options = {"max_retries": 20, "backoff": 0.05, "max_backoff": 0.1}
+        options = {"max_retries": 20, "backoff": 0.5, "max_backoff": 4.0}
         assert use(f"http://127.0.0.1:{port}", "score", [("q", "ab")], client=options) == [2.0]
     finally:
-        timer.join()
-        started[0].close()
+        for up in started:
+            up.close()
+    assert len(sleeps.asked) == 3  # refused three times, answered on the fourth attempt
+    assert_backoff(sleeps.asked, 0.5, 4.0)
     assert len(started[0].requests) == 1
 
 
-def test_timeouts_are_retried(use: Use, server: ScriptedServer) -> None:
+def test_timeouts_are_retried(use: Use, server: ScriptedServer, sleeps: Sleeps) -> None:
     server.script.append(Reply(delay=1.0))
     assert use(server.url, "score", [("q", "ab")], client={"timeout": 0.3}) == [2.0]
-    assert len(server.requests) == 2
+    assert len(server.requests) == 2 and len(sleeps.asked) == 1
+
+
+async def test_by_default_the_waits_are_slept(server: ScriptedServer) -> None:
+    """The one test that waits for real: the clients' default sleeps are the clock's."""
+    server.script.extend(Reply(503, headers={"Retry-After": "0.15"}) for _ in range(2))
+    start = time.monotonic()
+    with RewardClient(server.url) as sync_client:
+        assert sync_client.score([("q", "ab")]) == [2.0]
+    async with AsyncRewardClient(server.url) as async_client:
+        assert await async_client.score([("q", "abc")]) == [3.0]
+    assert time.monotonic() - start >= 0.3 and len(server.requests) == 4
+
+
+def test_the_retry_flow_asks_for_each_wait_and_gives_up() -> None:
+    """The sans-IO flow itself, stepped by hand: each answer in, the next step out."""
+    with RewardClient("http://r3.invalid", max_retries=4, backoff=0.5, max_backoff=1.5) as client:
+        flow = client._info_flow()
+    answers: list[Any] = [httpx.Response(503, content=b"busy"), httpx.ConnectError("refused"),
+                          httpx.Response(429, headers={"Retry-After": "1.25"}), httpx.ReadTimeout("slow")]
+    waits = []
+    step = advance(flow, None)
+    for answer in answers:
+        assert step == Request("GET", "http://r3.invalid/v1/info", step.headers, None)
+        step = advance(flow, answer)
+        assert isinstance(step, Sleep)
+        waits.append(step.seconds)
+        step = advance(flow, None)
+    assert waits[2] == 1.25  # Retry-After
+    assert_backoff([waits[0], waits[1]], 0.5, 1.5)
+    assert 1.5 / 2 <= waits[3] <= 1.5  # the fourth retry's ceiling, capped
+    with pytest.raises(R3HTTPError) as caught:
+        advance(flow, httpx.Response(502, json={"detail": "down"}))
+    assert (caught.value.status, caught.value.detail, caught.value.attempts) == (502, "down", 5)
+
+
+def test_the_retry_flow_ends_with_the_parsed_answer_or_a_final_error() -> None:
+    with RewardClient("http://r3.invalid") as client:
+        flow = client._info_flow()
+        advance(flow, None)
+        assert isinstance(advance(flow, httpx.Response(500)), Sleep)
+        advance(flow, None)
+        assert advance(flow, httpx.Response(200, json={"backends": {}})) == Done({"backends": {}})
+        flow = client._info_flow()
+        advance(flow, None)
+        with pytest.raises(R3ClientError, match="UnsupportedProtocol") as caught:
+            advance(flow, httpx.UnsupportedProtocol("ftp://"))  # not worth another attempt
+        assert "after 1 attempt:" in str(caught.value)
 
 
 # --------------------------------------------------------------------------- info / ready / pools

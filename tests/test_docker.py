@@ -1,6 +1,7 @@
 """The Docker files, checked on every run without a Docker engine: hadolint on both Dockerfiles, and
 `docker compose config` on docker-compose.yml alone and with the CPU override (both must be valid
-and mean what the README says). scripts/compose-smoke.sh runs the stack for real."""
+and mean what the README says). scripts/compose-smoke.sh runs the stack for real; what it calls is
+checked here against the code."""
 
 from __future__ import annotations
 
@@ -14,7 +15,8 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+from conftest import ROOT, app_settings
+
 DOCKERFILES = ["docker/Dockerfile.service", "docker/Dockerfile.trainer"]
 BASE = ["-f", str(ROOT / "docker-compose.yml")]
 CPU = [*BASE, "-f", str(ROOT / "docker-compose.cpu.yml")]
@@ -110,9 +112,86 @@ def test_dockerignore_keeps_data_drops_the_rest():
     assert not any(p.rstrip("/") in ("data", "data/*", "docker", "service", "trainer") for p in patterns)
 
 
-def test_smoke_script_parses():
-    out = subprocess.run(["bash", "-n", "scripts/compose-smoke.sh"], capture_output=True, text=True, cwd=ROOT)
+# ---------------------------------------------------------------- scripts/compose-smoke.sh
+# It needs root and Docker, so it runs by hand; what it calls is checked here against the code.
+
+SMOKE = ROOT / "scripts" / "compose-smoke.sh"
+
+
+def _smoke_programs() -> list[str]:
+    """The Python programs the smoke script runs (`python3 - ARGS <<'EOF'` heredocs)."""
+    return re.findall(r"^\s*python3 - [^\n]*<<'EOF'\n(.*?)\nEOF$", SMOKE.read_text(), re.S | re.M)
+
+
+def test_smoke_script_calls_endpoints_and_reads_fields_the_app_has():
+    from r3_service.api.app import create_app
+    from r3_service.store.stores import MemoryStore, QueryStore
+
+    out = subprocess.run(["bash", "-n", str(SMOKE)], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
+    programs = _smoke_programs()
+    assert len(programs) == 2, "the readiness check and the scoring check"
+    for program in programs:
+        compile(program, str(SMOKE), "exec")
+    schema = create_app(app_settings()).openapi()
+    readiness, scoring = programs
+    assert re.search(r'for path in \("/healthz", "/readyz"\)', readiness)
+    assert {"/healthz", "/readyz"} <= {path for path, ops in schema["paths"].items() if "get" in ops}
+    assert QueryStore(MemoryStore(1), "redis://redis:6379/0").status()["kind"] == "redis"  # what it looks for
+    assert re.findall(r'url \+ "(/\w+)"', scoring) == ["/reward", "/reward"]
+    assert "post" in schema["paths"]["/reward"] and "401" in schema["paths"]["/reward"]["post"]["responses"]
+    components = schema["components"]["schemas"]["Components"]["properties"]
+    read = set(re.findall(r"""comp\[['"](\w+)['"]\]""", scoring))
+    assert read == {"query_type", "query_type_source", "reference_source"} and read <= set(components)
+    expected = re.findall(r'\["(\w+_source)"\] == "(\w+)"', scoring)
+    assert len(expected) == 3
+    for field_name, value in expected:  # a value the (nullable) enum allows
+        allowed = {v for option in components[field_name].get("anyOf", [components[field_name]])
+                   for v in option.get("enum", [])}
+        assert value in allowed, (field_name, value, allowed)
+
+
+def test_smoke_script_commands_keys_and_variables_exist():
+    import tomllib
+
+    from r3_service.qtype.learned import LearnedClassifier
+    from r3_service.rule.datasets import QueryRecord
+    from r3_service.settings import Settings
+    from r3_service.store.records import query_key, record_to_fields
+    from r3_tools.qtypes import parser
+
+    text = SMOKE.read_text()
+    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    # r3-qtypes load, run inside the reward container (where data/ is /app/data).
+    load = re.search(r"exec -T reward (r3-qtypes) (.*?) 2>&1", text)
+    assert load and load.group(1) in scripts
+    args = parser().parse_args(load.group(2).split())
+    assert (args.command, args.redis_url) == ("load", "redis://redis:6379/0")
+    assert str(args.path).startswith("/app/data/") and (ROOT / "data" / Path(args.path).name).is_file()
+    assert "COPY data /app/data" in (ROOT / "docker/Dockerfile.service").read_text()
+
+    # The Redis key it computes for the unseen query is the service's, and so is the field it reads.
+    line = re.search(r"""^unseen_key="r3:q:\$\(printf '%s' '([^']*)' \| sha256sum \| cut -d' ' -f1\)"$""",
+                     text, re.M)
+    assert line, "the unseen query's key is computed with sha256sum"
+    query = line.group(1)
+    assert query in _smoke_programs()[1], "the key is the one of the query the scoring check sends"
+    out = subprocess.run(["bash", "-c", f'{line.group(0)}\nprintf %s "$unseen_key"'], capture_output=True,
+                         text=True, check=True)
+    assert out.stdout == query_key(query)
+    field_name = re.search(r'hget "\$unseen_key" (\w+)', text)
+    assert field_name and field_name.group(1) in record_to_fields(query, QueryRecord("open", None, "x@1"))
+    assert re.search(r"^\s*learned@\*\)", text, re.M)
+    assert Settings.model_fields["qtype_classifier"].default == LearnedClassifier.name == "learned"
+
+    # Every variable it exports for compose is one a compose file reads (else it would be ignored).
+    compose_files = (ROOT / "docker-compose.yml").read_text() + (ROOT / "docker-compose.cpu.yml").read_text()
+    exported = {name for line in re.findall(r"^\s*export (.*)$", text, re.M) for name in
+                re.findall(r"(?:^|\s)([A-Z][A-Z0-9_]*)(?==|\s|$)", line)}
+    assert exported >= {"R3_BASE_IMAGE", "REDIS_IMAGE", "R3_PORT", "R3_API_KEYS", "R3_TRAIN_CONFIG"}
+    assert {name for name in exported if "${" + name not in compose_files} == set()
+    assert (ROOT / re.search(r"export R3_TRAIN_CONFIG=(\S+)", text).group(1)).is_file()
+    assert "r3-train" in scripts and (ROOT / "configs" / "default.yaml").is_file()
 
 
 # ---------------------------------------------------------------- compose

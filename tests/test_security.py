@@ -14,8 +14,9 @@ from pathlib import Path
 
 import httpx
 import pytest
+from fastapi.testclient import TestClient
 
-from conftest import DATA, ServiceProcess, free_port, start_service
+from conftest import DATA, ServiceProcess, free_port, in_process, start_service
 from r3_client import R3HTTPError, RewardClient
 from r3_tools.loadgen import Target, Workload, closed_loop, make_pairs, parse_mix, start_server
 
@@ -29,39 +30,47 @@ PROTECTED = [("POST", "/reward", {"items": [ITEM]}), ("POST", "/get_reward", GET
 
 
 @pytest.fixture(scope="module")
+def keyed_app() -> Iterator[TestClient]:
+    """An app with API keys, in this process."""
+    with in_process(api_keys=",".join(KEYS)) as client:
+        yield client
+
+
+@pytest.fixture(scope="module")
 def keyed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceProcess]:
+    """A real r3-serve with API keys, for the clients that reach it over the network."""
     proc = start_service(tmp_path_factory.mktemp("keyed"), R3_API_KEYS=",".join(KEYS))
     yield proc
     proc.stop()
 
 
-def call(url: str, method: str, path: str, body: dict | None, key: str | None = None,
+def call(client: TestClient, method: str, path: str, body: dict | None, key: str | None = None,
          scheme: str = "Bearer") -> httpx.Response:
     headers = {"Authorization": f"{scheme} {key}".strip()} if key is not None else {}
-    return httpx.request(method, f"{url}{path}", json=body, headers=headers, timeout=60)
+    return client.request(method, path, json=body, headers=headers)
 
 
 @pytest.mark.parametrize(("method", "path", "body"), PROTECTED, ids=[p for _, p, _ in PROTECTED])
-def test_without_a_valid_key_everything_but_health_is_401(keyed: ServiceProcess, method: str, path: str,
+def test_without_a_valid_key_everything_but_health_is_401(keyed_app: TestClient, method: str, path: str,
                                                           body: dict | None) -> None:
     for key, scheme in ((None, "Bearer"), ("wrong-key", "Bearer"), (KEYS[0][:-1], "Bearer"),
                         (KEYS[0], "Basic"), ("", "Bearer")):
-        got = call(keyed.url, method, path, body, key, scheme)
+        got = call(keyed_app, method, path, body, key, scheme)
         assert got.status_code == 401, (key, scheme, got.status_code)
         assert got.headers.get("www-authenticate", "").startswith("Bearer")
         assert isinstance(got.json()["detail"], str)
 
 
 @pytest.mark.parametrize(("method", "path", "body"), PROTECTED, ids=[p for _, p, _ in PROTECTED])
-def test_any_configured_key_opens_everything(keyed: ServiceProcess, method: str, path: str,
+def test_any_configured_key_opens_everything(keyed_app: TestClient, method: str, path: str,
                                              body: dict | None) -> None:
     for key in KEYS:
-        assert call(keyed.url, method, path, body, key).status_code == 200
+        assert call(keyed_app, method, path, body, key).status_code == 200
 
 
-def test_health_and_readiness_stay_open_for_orchestrators(keyed: ServiceProcess) -> None:
-    assert httpx.get(f"{keyed.url}/healthz", timeout=10).status_code == 200
-    assert httpx.get(f"{keyed.url}/readyz", timeout=10).status_code == 200
+def test_health_and_readiness_stay_open_for_orchestrators(keyed_app: TestClient) -> None:
+    assert keyed_app.get("/healthz").status_code == 200
+    assert keyed_app.get("/readyz").status_code == 200
 
 
 def test_client_and_load_generator_send_the_key(keyed: ServiceProcess) -> None:
@@ -124,13 +133,13 @@ def test_binds_to_loopback_by_default() -> None:
 
 
 @pytest.mark.parametrize("path", ["/reward", "/get_reward"])
-def test_undecodable_bodies_get_a_documented_status_without_internals(server_url: str, path: str) -> None:
+def test_undecodable_bodies_get_a_documented_status_without_internals(app_client: TestClient,
+                                                                      path: str) -> None:
     """Bytes that are not UTF-8 JSON (found by schemathesis): the answer's status is one the
     schema documents for the route, and its body a plain JSON detail (no traceback)."""
-    schema = httpx.get(f"{server_url}/openapi.json", timeout=10).json()
+    schema = app_client.get("/openapi.json").json()
     documented = schema["paths"][path]["post"]["responses"]
     for content in (b"\xff\xfe\x00{", b"i\xa0\xf1b", b"\x00", json.dumps({"items": "x"}).encode()[:-1]):
-        got = httpx.post(f"{server_url}{path}", content=content, timeout=30,
-                         headers={"content-type": "application/json"})
+        got = app_client.post(path, content=content, headers={"content-type": "application/json"})
         assert str(got.status_code) in documented, (content, got.status_code, sorted(documented))
         assert "detail" in got.json() and "Traceback" not in got.text and ".py" not in got.text

@@ -13,7 +13,8 @@ import pytest
 import torch
 
 import r3_trainer
-from r3_service.rule.features import GENERIC_STOP_STRINGS
+from conftest import in_process
+from r3_service.rule.features import GENERIC_STOP_STRINGS, features
 from r3_service.rule.templates import TEMPLATES
 from r3_trainer import data, ppo
 from r3_trainer.checkpoint import moments_state
@@ -180,9 +181,20 @@ def test_rollouts_are_cut_at_the_services_stop_strings(template, text, expected)
     assert data.clean_rollout(text, template) == expected
 
 
-def test_stop_strings_are_the_services_own():
+def test_rollouts_are_cut_where_the_service_cuts_them():
+    """The text the trainer logs and pays for ends where the service's reward stops counting."""
+    answer = "Paris is the capital of France."
     for name in ("vicuna", "llama-2", "chatml", "alpaca"):
-        assert data.stop_strings(name) == TEMPLATES[name].stop_strings + GENERIC_STOP_STRINGS
+        stops = [*TEMPLATES[name].stop_strings, *GENERIC_STOP_STRINGS]
+        rollouts = [f"{answer}{stop} and the next turn goes on and on" for stop in stops]
+        with in_process(chat_template=name, default_backend="li") as client:
+            served = client.post("/reward", json={"items": [{"query": "Capital of France?", "response": r}
+                                                            for r in rollouts],
+                                                  "return_components": True}).json()["components"]
+        for rollout, parts in zip(rollouts, served, strict=True):
+            cut = data.clean_rollout(rollout, name)
+            assert cut == answer, (name, rollout)
+            assert features(cut).length_incentive == parts["length_incentive"], (name, rollout)
 
 
 def format_prompt(template: str, query: str, system: str | None = None) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, Literal, TypeVar, overload
 
 import httpx
@@ -19,8 +20,8 @@ _T = TypeVar("_T")
 class AsyncRewardClient(ClientBase[httpx.AsyncClient]):
     """Asyncio r3 client; up to `max_concurrency` chunks of a large batch are in flight at once.
 
-    See `ClientBase` for the other options. Use it from one event loop (httpx's pool is bound
-    to the loop that opened its connections).
+    See `ClientBase` for the other options; `sleep` waits between attempts. Use it from one
+    event loop (httpx's pool is bound to the loop that opened its connections).
     """
 
     def __init__(
@@ -29,11 +30,13 @@ class AsyncRewardClient(ClientBase[httpx.AsyncClient]):
         *,
         max_concurrency: int = 8,
         http_client: httpx.AsyncClient | None = None,
+        sleep: Callable[[float], Awaitable[object]] = asyncio.sleep,
         **options: Unpack[_core.ClientOptions],
     ) -> None:
         if max_concurrency < 1:
             raise ValueError("max_concurrency must be >= 1")
         self.max_concurrency = max_concurrency
+        self._sleep = sleep
         super().__init__(base_url, http_client, lambda t: httpx.AsyncClient(timeout=t), **options)
 
     @overload
@@ -95,7 +98,7 @@ class AsyncRewardClient(ClientBase[httpx.AsyncClient]):
 
     async def _perform(self, step: _core.Step) -> _core.Outcome | None:
         if isinstance(step, Sleep):
-            await asyncio.sleep(step.seconds)
+            await self._sleep(step.seconds)
             return None
         try:
             return await self._http.request(step.method, step.url, headers=step.headers, content=step.content)

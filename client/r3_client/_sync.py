@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Literal, TypeVar, overload
 
 import httpx
@@ -19,7 +20,8 @@ _T = TypeVar("_T")
 class RewardClient(ClientBase[httpx.Client]):
     """Blocking r3 client; chunks of a large batch are sent one after another.
 
-    See `ClientBase` for the options. Thread-safe: the underlying `httpx.Client` is.
+    See `ClientBase` for the options; `sleep` waits between attempts. Thread-safe: the
+    underlying `httpx.Client` is.
     """
 
     def __init__(
@@ -27,9 +29,11 @@ class RewardClient(ClientBase[httpx.Client]):
         base_url: str = _core.DEFAULT_BASE_URL,
         *,
         http_client: httpx.Client | None = None,
+        sleep: Callable[[float], object] = time.sleep,
         **options: Unpack[_core.ClientOptions],
     ) -> None:
         super().__init__(base_url, http_client, lambda t: httpx.Client(timeout=t), **options)
+        self._sleep = sleep
 
     @overload
     def score(
@@ -73,7 +77,7 @@ class RewardClient(ClientBase[httpx.Client]):
 
     def _perform(self, step: _core.Step) -> _core.Outcome | None:
         if isinstance(step, Sleep):
-            time.sleep(step.seconds)
+            self._sleep(step.seconds)
             return None
         try:
             return self._http.request(step.method, step.url, headers=step.headers, content=step.content)

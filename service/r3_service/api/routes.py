@@ -37,21 +37,22 @@ ERRORS = {400: {"model": ErrorResponse, "description": "The body is not JSON: in
           429: {"model": ErrorResponse, "description": "Queue full; retry after `Retry-After` seconds"}}
 
 
-def get_engine(request: Request) -> RewardEngine:
+async def get_engine(request: Request) -> RewardEngine:
     engine = getattr(request.app.state, "engine", None)
     if engine is None:
         raise HTTPException(503, "the model is still loading")
     return engine
 
 
-def get_settings(request: Request) -> Settings:
+async def get_settings(request: Request) -> Settings:
     return request.app.state.settings
 
 
-def get_metrics(request: Request) -> Metrics:
+async def get_metrics(request: Request) -> Metrics:
     return request.app.state.metrics
 
 
+# Async on purpose: FastAPI runs a sync dependency on its thread pool, a hop per request.
 EngineDep = Annotated[RewardEngine, Depends(get_engine)]
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 MetricsDep = Annotated[Metrics, Depends(get_metrics)]
