@@ -84,3 +84,22 @@ def test_the_extras_table_names_importable_modules_of_each_extra() -> None:
     extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
     assert set(commands.EXTRAS) <= set(extras)
     assert all(not commands.missing(extra) for extra in commands.EXTRAS)
+
+
+def run_command(command: str, argv: list[str]) -> subprocess.CompletedProcess[str]:
+    code = (f"import sys; sys.argv = {[command, *argv]!r}; "
+            f"from r3_tools.commands import {command.removeprefix('r3-')} as main; sys.exit(main())")
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.slow
+def test_r3_qtype_is_a_deprecated_alias_of_r3_qtypes(tmp_path) -> None:
+    """One command for the store and the classifier; the old name still works for one release."""
+    missing = str(tmp_path / "missing.json")
+    new, old = (run_command(name, ["eval", missing]) for name in ("r3-qtypes", "r3-qtype"))
+    assert new.returncode == old.returncode == 2
+    assert f"no such file: {missing}" in new.stderr and f"no such file: {missing}" in old.stderr
+    assert "r3-qtype is deprecated" in old.stderr and "use r3-qtypes" in old.stderr
+    assert "is deprecated" not in new.stderr
+    subcommands = run_command("r3-qtypes", ["--help"]).stdout
+    assert all(name in subcommands for name in ("load", "classify", "train", "eval"))
