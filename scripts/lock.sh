@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Refresh constraints.txt: resolve every extra afresh in a throwaway virtual environment and pin
 # what pip chose. Run it after changing dependencies in pyproject.toml, then run the tests.
-#   bash scripts/lock.sh
+#   bash scripts/lock.sh           # everything afresh (newest versions allowed)
+#   bash scripts/lock.sh --keep    # today's pins stay; only what is new gets resolved
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scratch="$(mktemp -d)"
@@ -9,7 +10,9 @@ trap 'rm -rf "$scratch"' EXIT
 python3 -m venv "$scratch/venv"
 py="$scratch/venv/bin/python"
 "$py" -m pip install -q torch==2.13.0
-"$py" -m pip install -q -e ".[all]"
+keep=()
+if [ "${1:-}" = "--keep" ]; then cp constraints.txt "$scratch/old.txt"; keep=(-c "$scratch/old.txt"); fi
+"$py" -m pip install -q -e ".[all]" "${keep[@]}"
 {
     echo "# Every dependency of every extra, pinned: scripts/test.sh, CI and both Docker images install"
     echo "# with this file (pip -c / PIP_CONSTRAINT). torch is pinned where it is installed (torch==2.13.0"

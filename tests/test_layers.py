@@ -28,7 +28,7 @@ LAYERS: list[dict[str, tuple[str, ...]]] = [
     {"models": ("r3_service.models",), "qtype": ("r3_service.qtype",)},
     {"engine": ("r3_service.engine",)},
     {"api": ("r3_service.api",)},
-    {"cli": ("r3_service.cli",)},
+    {"cli": ("r3_service.cli", "r3_service.ray_serve")},
     {"tools": ("r3_tools",), "trainer": ("r3_trainer",)},
 ]
 # Layers that may import only these (themselves included), whatever sits below them.

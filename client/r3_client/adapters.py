@@ -174,7 +174,7 @@ def trl_items(
     ]
 
 
-def _name(func: Callable[..., Any], backend: str | None) -> None:
+def name_reward_func(func: Callable[..., Any], backend: str | None) -> None:
     # TRL logs each reward function's mean under its __name__.
     func.__name__ = func.__qualname__ = "r3" if backend is None else f"r3_{backend}"
 
@@ -202,7 +202,7 @@ def make_reward_func(
         )
         return client().score(items, backend=backend)
 
-    _name(reward_func, backend)
+    name_reward_func(reward_func, backend)
     return reward_func
 
 
@@ -225,7 +225,7 @@ def make_async_reward_func(
         )
         return await client().score(items, backend=backend)
 
-    _name(reward_func, backend)
+    name_reward_func(reward_func, backend)
     return reward_func
 
 

@@ -248,6 +248,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--items", default="1,8,64")
     parser.add_argument("--duration", type=float, default=6.0, help="seconds per HTTP scenario")
     parser.add_argument("--port", type=int, default=8765)
+    parser.add_argument("--url", help="measure the service already running here (e.g. a Ray Serve "
+                                      "ingress started with R3_EMBEDDING_CACHE_SIZE=0 and "
+                                      "R3_MAX_QUEUE_ITEMS=1000000) instead of starting r3-serve")
     parser.add_argument("--skip-http", action="store_true")
     parser.add_argument("--out", type=Path, default=Path("bench/results/latest"),
                         help="writes OUT.json and OUT.png")
@@ -290,8 +293,8 @@ def main(argv: list[str] | None = None) -> int:
         http_pairs = {grouped: make_pairs(args.data, max(args.pairs, 2 * max(concurrencies) * max(sizes)),
                                           grouped) for grouped in (False, True)}
         if not args.skip_http:
-            url = f"http://127.0.0.1:{args.port}"
-            server = start_server(env, args.port)
+            url = args.url or f"http://127.0.0.1:{args.port}"
+            server = None if args.url else start_server(env, args.port)
             try:
                 peak64 = 0.0
                 for grouped, pairs in http_pairs.items():
@@ -318,8 +321,9 @@ def main(argv: list[str] | None = None) -> int:
                     half_load = {"rate_pairs_per_s": 0.5 * peak64, **percentiles(latencies),
                                  "errors": errors, "full_batch_ms": batch_s * 1000}
             finally:
-                server.terminate()
-                server.wait(30)
+                if server is not None:
+                    server.terminate()
+                    server.wait(30)
 
     name = "bert-base (random)" if args.random_bert_base else model_name
     title = f"r3-bench: {name}, engine {engine_dtype}{' compiled' if args.compile else ''}, on {machine()}"

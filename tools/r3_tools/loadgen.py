@@ -11,6 +11,7 @@ import asyncio
 import json
 import os
 import random
+import re
 import subprocess
 import sys
 import time
@@ -81,14 +82,19 @@ def percentiles(samples: list[float]) -> dict[str, float]:
     return {"p50": at(0.50), "p95": at(0.95), "p99": at(0.99), "max": ordered[-1] * 1000}
 
 
+_REPLICA = re.compile(r'replica="[^"]*",?')
+
+
 def scrape(url: str, headers: dict[str, str] | None = None) -> dict[str, float]:
-    """/metrics as {sample with labels: value}."""
+    """/metrics as {sample with labels: value}, summed over the replicas of a Ray Serve
+    deployment (whose series carry a `replica` label)."""
     text = httpx.get(f"{url}/metrics", headers=headers, timeout=30).text
     values: dict[str, float] = {}
     for line in text.splitlines():
         if line and not line.startswith("#"):
             name, _, value = line.rpartition(" ")
-            values[name] = float(value)
+            name = _REPLICA.sub("", name).replace("{}", "")
+            values[name] = values.get(name, 0.0) + float(value)
     return values
 
 

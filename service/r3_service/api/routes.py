@@ -198,12 +198,20 @@ async def readyz(request: Request) -> JSONResponse:
 
 
 @router.get("/metrics", response_class=Response)
-async def prometheus(metrics: MetricsDep) -> Response:
-    """Prometheus text format."""
-    return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+async def prometheus(request: Request, metrics: MetricsDep) -> Response:
+    """Prometheus text format; under Ray Serve, every replica's series with a `replica` label."""
+    deployment = getattr(request.app.state, "deployment", None)
+    body = await deployment.exposition() if deployment is not None else generate_latest(metrics.registry)
+    return Response(body, media_type=CONTENT_TYPE_LATEST)
+
+
+SINGLE_PROCESS = {"kind": "process", "replicas": 1}
 
 
 @router.get("/v1/info")
-async def info(engine: EngineDep) -> dict[str, object]:
-    """The scoring settings in force: every backend with its settings, and the loaded models."""
-    return {**engine.info(), "models": engine.models()}
+async def info(request: Request, engine: EngineDep) -> dict[str, object]:
+    """The scoring settings in force: every backend with its settings, the loaded models, and
+    how many replicas serve (`deployment`)."""
+    deployment = getattr(request.app.state, "deployment", None)
+    serving = await deployment.describe() if deployment is not None else SINGLE_PROCESS
+    return {**engine.info(), "models": engine.models(), "deployment": serving}
