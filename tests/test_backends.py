@@ -138,8 +138,10 @@ def test_missing_config_file_is_an_error(tmp_path: Path) -> None:
 
 
 # configs/serve.yaml is Ray Serve's (tests/test_ray.py); the others are r3 deployment files.
-@pytest.mark.parametrize("path", sorted(set((ROOT / "configs").glob("*.yaml")) - {ROOT / "configs" / "serve.yaml"}),
-                         ids=lambda p: p.name)
+DEPLOYMENT_FILES = sorted(set((ROOT / "configs").glob("*.yaml")) - {ROOT / "configs" / "serve.yaml"})
+
+
+@pytest.mark.parametrize("path", DEPLOYMENT_FILES, ids=lambda p: p.name)
 def test_example_configs_are_valid(path: Path) -> None:
     settings = Settings(config=str(path))
     assert settings.default_backend in settings.backends
