@@ -38,6 +38,10 @@ ITEMS = [
 ]
 
 
+KEY = "ray-test-key"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+
+
 @dataclass
 class RayCluster:
     address: str
@@ -46,7 +50,7 @@ class RayCluster:
     processes: list[subprocess.Popen] = field(default_factory=list)
 
     def info(self) -> dict:
-        answer = httpx.get(f"{self.url}/v1/info", timeout=60)
+        answer = httpx.get(f"{self.url}/v1/info", headers=AUTH, timeout=60)
         answer.raise_for_status()
         return answer.json()["deployment"]
 
@@ -73,7 +77,7 @@ def serve_config(port: int, **deployment: object) -> dict:
 def cluster(tmp_path_factory: pytest.TempPathFactory, redis_server: RedisServer) -> Iterator[RayCluster]:
     """Head + worker node, then `serve run` of the shipped config (2 replicas, one per node)."""
     tmp = tmp_path_factory.mktemp("ray")
-    env = ray_env(tmp, R3_REDIS_URL=redis_server.url, R3_MAX_QUEUE_ITEMS="4096")
+    env = ray_env(tmp, R3_REDIS_URL=redis_server.url, R3_MAX_QUEUE_ITEMS="4096", R3_API_KEYS=KEY)
     ray = [sys.executable, "-m", "ray.scripts.scripts"]
     port, http_port = free_port(), free_port()
     address = f"127.0.0.1:{port}"
@@ -143,7 +147,7 @@ def replica_pids() -> list[int]:
 
 def test_rewards_through_ray_equal_r3_serves(cluster: RayCluster) -> None:
     body = {"items": ITEMS, "return_components": True}
-    served = httpx.post(f"{cluster.url}/reward", json=body, timeout=60)
+    served = httpx.post(f"{cluster.url}/reward", json=body, headers=AUTH, timeout=60)
     with in_process() as local:
         expected = local.post("/reward", json=body).json()
     assert served.status_code == 200
@@ -151,11 +155,25 @@ def test_rewards_through_ray_equal_r3_serves(cluster: RayCluster) -> None:
     assert [c["relevance_target"] for c in served.json()["components"]] == ["reference", "query", "query"]
 
 
+def test_keys_limits_and_errors_behave_as_under_r3_serve(cluster: RayCluster) -> None:
+    url = f"{cluster.url}/reward"
+    assert httpx.get(f"{cluster.url}/healthz", timeout=30).status_code == 200  # probes need no key
+    assert httpx.post(url, json={"items": ITEMS}, timeout=30).status_code == 401
+    misspelt = httpx.post(url, json={"items": [{"query": "q", "response": "r", "refrence": "x"}]},
+                          headers=AUTH, timeout=30)
+    assert misspelt.status_code == 422 and misspelt.json()["detail"][0]["loc"][-1] == "refrence"
+    too_many = httpx.post(url, json={"items": [{"query": "q", "response": "r"}] * 4097}, headers=AUTH,
+                          timeout=60)
+    assert too_many.status_code == 413 and "R3_MAX_ITEMS" in too_many.json()["detail"]
+    not_json = httpx.post(url, content=b"{", headers={**AUTH, "content-type": "application/json"}, timeout=30)
+    assert not_json.status_code == 400
+
+
 def test_two_replicas_on_two_nodes_share_concurrent_load_and_metrics(cluster: RayCluster) -> None:
     deployment = cluster.info()
     assert deployment["kind"] == "ray-serve" and deployment["replicas"] == 2
     assert len(deployment["nodes"]) == 2  # one replica per node (each node has one CPU)
-    with RewardClient(cluster.url, timeout=120) as client:
+    with RewardClient(cluster.url, timeout=120, api_key=KEY) as client:
         def send(index: int) -> list[float]:
             return client.score([(f"Question {index}: name a planet.", f"Planet number {index} is Mars.")])
 
@@ -166,7 +184,7 @@ def test_two_replicas_on_two_nodes_share_concurrent_load_and_metrics(cluster: Ra
         for thread in threads:
             thread.join()
     assert len(results) == 32 and all(len(r) == 1 for r in results)
-    metrics = httpx.get(f"{cluster.url}/metrics", timeout=60).text
+    metrics = httpx.get(f"{cluster.url}/metrics", headers=AUTH, timeout=60).text
     served = {line.split('replica="', 1)[1].split('"', 1)[0]: float(line.rsplit(" ", 1)[1])
               for line in metrics.splitlines() if line.startswith("r3_items_total{")}
     assert len(served) == 2, metrics  # both replicas' series, each labelled
@@ -198,7 +216,7 @@ class Load:
             worker.join(120)
 
     def _run(self) -> None:
-        with RewardClient(self.url, timeout=120, max_retries=8) as client:
+        with RewardClient(self.url, timeout=120, max_retries=8, api_key=KEY) as client:
             while not self.done.is_set():
                 try:
                     client.score([("Describe the sea.", "The sea is wide and grey and full of light.")])
@@ -264,7 +282,8 @@ def test_a_trainer_inside_the_cluster_scores_through_the_handle(cluster: RayClus
                             env=cluster.env, capture_output=True, text=True, timeout=180)
     assert driver.returncode == 0, driver.stderr[-2000:]
     answer = json.loads(driver.stdout.strip().splitlines()[-1])
-    served = httpx.post(f"{cluster.url}/reward", json={"items": ITEMS}, timeout=60).json()["rewards"]
+    served = httpx.post(f"{cluster.url}/reward", json={"items": ITEMS}, headers=AUTH,
+                        timeout=60).json()["rewards"]
     assert answer["name"] == "r3" and answer["rewards"] == pytest.approx(served, rel=1e-6)
 
 
