@@ -33,9 +33,9 @@ from ray.serve import Application
 
 from r3_client.adapters import name_reward_func, trl_items
 from r3_service.api.app import create_app
+from r3_service.api.routes import raw_items
 from r3_service.api.schemas import RewardRequest
 from r3_service.engine.engine import RewardEngine
-from r3_service.engine.resolve import RawItem
 from r3_service.settings import Settings
 
 log = logging.getLogger("r3_service")
@@ -146,8 +146,8 @@ class R3Replica:
         cluster that hold a handle: validated like a request, scored by this replica's engine."""
         request = RewardRequest.model_validate({"items": items, "backend": backend})
         engine: RewardEngine = self.app.state.engine
-        raw = [RawItem(i.query, i.response, i.reference, i.query_type) for i in request.items]
-        return [scored.reward for scored in await engine.score(raw, engine.backend(request.backend))]
+        scored = await engine.score(raw_items(request), engine.backend(request.backend))
+        return [item.reward for item in scored]
 
     def metrics_text(self) -> tuple[str, str]:
         return self.replica_id(), self.app.state.deployment.local()

@@ -174,7 +174,8 @@ class EarlyAdmission:
             response.headers["Connection"] = "close"
             await response(scope, receive, send)
             return
-        scope.setdefault("state", {})["early_admission"] = early
+        # The route hands both to the engine: the size is read once, here.
+        scope.setdefault("state", {}).update(early_admission=early, body_size=body)
         try:
             await self.app(scope, receive, send)
         finally:

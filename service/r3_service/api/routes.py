@@ -11,7 +11,6 @@ from fastapi import APIRouter, Depends, HTTPException, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from r3_service.api.middleware import body_size
 from r3_service.api.openrlhf import SampleError, to_raw_items
 from r3_service.api.schemas import (
     Components,
@@ -129,11 +128,16 @@ def extra_logs(results: list[Scored], uses_relevance: bool) -> dict[str, list[fl
 async def score(request: Request, engine: RewardEngine, metrics: Metrics, items: list[RawItem],
                 backend: RewardBackend, endpoint: str) -> list[Scored]:
     """Score on the engine, given up (499) if the client leaves first; counts the items."""
-    scoring = engine.score(items, backend, body_size(request.scope),
+    scoring = engine.score(items, backend, getattr(request.state, "body_size", None),
                            getattr(request.state, "early_admission", None))
     results = await unless_disconnected(request, scoring)
     metrics.items.labels(endpoint, backend.name).inc(len(items))
     return results
+
+
+def raw_items(request: RewardRequest) -> list[RawItem]:
+    """The engine's items of a `/reward` request (also the Ray handle's path)."""
+    return [RawItem(i.query, i.response, i.reference, i.query_type) for i in request.items]
 
 
 def backend_named(engine: RewardEngine, name: str | None) -> RewardBackend:
@@ -152,7 +156,7 @@ async def reward(body: RewardRequest, request: Request, engine: EngineDep, setti
         for i, item in enumerate(body.items) for field in ("query", "response", "reference")
     })
     backend = backend_named(engine, body.backend)
-    items = [RawItem(i.query, i.response, i.reference, i.query_type) for i in body.items]
+    items = raw_items(body)
     results = await score(request, engine, metrics, items, backend, "/reward")
     return RewardResponse(
         rewards=[r.reward for r in results], backend=backend.name,
