@@ -19,7 +19,14 @@ from r3_service.engine.pool import ModelPool, describe_model
 from r3_service.engine.scheduler import BatchScheduler
 from r3_service.rule.moments import RunningMoments
 from r3_service.rule.reward import PRESETS, Preset, ResolvedItem, RuleParams, Scored, plain, relevance, score
-from r3_service.settings import EnsembleSpec, R3BackendSpec, RewardModelSpec, Settings
+from r3_service.settings import (
+    DEFAULT_MODEL,
+    PACKAGED_MODEL_RANGE,
+    EnsembleSpec,
+    R3BackendSpec,
+    RewardModelSpec,
+    Settings,
+)
 
 # Output rows for distinct inputs, in order; the flags say which inputs are worth caching.
 Infer = Callable[[Sequence[Hashable], Sequence[bool]], Awaitable[torch.Tensor]]
@@ -171,6 +178,13 @@ def build_backends(settings: Settings, pool: ModelPool) -> tuple[dict[str, Rewar
     return backends, queues
 
 
+def default_relevance_range(model_name: str, normalized: bool) -> tuple[float, float]:
+    """The packaged model's calibrated range; otherwise cosine's [0, 1] or the paper's [0, 3.5]."""
+    if model_name == DEFAULT_MODEL and normalized:
+        return PACKAGED_MODEL_RANGE
+    return (0.0, 1.0) if normalized else (0.0, 3.5)
+
+
 def r3_backend(name: str, spec: R3BackendSpec, settings: Settings,
                pool: ModelPool) -> tuple[R3Backend, Queues]:
     preset = PRESETS[spec.preset]
@@ -179,8 +193,8 @@ def r3_backend(name: str, spec: R3BackendSpec, settings: Settings,
     # A rule without relevance never loads a model.
     scheduler = pool.embedding(model_name, normalize) if preset.uses_relevance else None
     normalized = scheduler.model.info.normalize if scheduler else bool(normalize)
-    in_range = spec.relevance_in_range or settings.relevance_in_range or (
-        (0.0, 1.0) if normalized else (0.0, 3.5))
+    in_range = spec.relevance_in_range or settings.relevance_in_range or default_relevance_range(
+        model_name, normalized)
     params = RuleParams(
         relevance_in_range=in_range,
         relevance_out_range=(0.0, (spec.max_rollout_tokens or settings.max_rollout_tokens) / 100.0),
