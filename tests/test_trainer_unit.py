@@ -178,7 +178,7 @@ def test_score_scaling_without_norm_and_clipping():
     ("chatml", "\n\nno stop string here  ", "no stop string here"),
 ])
 def test_rollouts_are_cut_at_the_services_stop_strings(template, text, expected):
-    assert data.clean_rollout(text, template) == expected
+    assert data.clean_rollout(text, data.stop_strings(template)) == expected
 
 
 def test_rollouts_are_cut_where_the_service_cuts_them():
@@ -192,7 +192,7 @@ def test_rollouts_are_cut_where_the_service_cuts_them():
                                                             for r in rollouts],
                                                   "return_components": True}).json()["components"]
         for rollout, parts in zip(rollouts, served, strict=True):
-            cut = data.clean_rollout(rollout, name)
+            cut = data.clean_rollout(rollout, data.stop_strings(name))
             assert cut == answer, (name, rollout)
             assert features(cut).length_incentive == parts["length_incentive"], (name, rollout)
 
@@ -348,7 +348,8 @@ def test_unknown_keys_are_rejected_with_a_suggestion(tmp_path):
     ({"learning_rate": "fast"}, "learning_rate: Input should be a valid number, got 'fast'"),
     ({"steps": 1.5}, "steps: Input should be a valid integer, got 1.5"),
     ({"overlap_generation": "yes"}, "overlap_generation: Input should be a valid boolean"),
-    ({"chat_template": "zephyr"}, "chat_template: Input should be 'vicuna', 'llama-2', 'chatml' or 'alpaca'"),
+    ({"chat_template": "zephyr"},
+     "chat_template: Input should be 'model', 'vicuna', 'llama-2', 'chatml' or 'alpaca'"),
     ({"steps": 0}, "steps: Input should be greater than or equal to 1, got 0"),
     ({"top_p": 1.5}, "top_p: Input should be less than or equal to 1"),
     ({"score_clip": 0}, "score_clip: Input should be greater than 0"),

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from typing import Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -13,6 +14,18 @@ LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0
 WAIT_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 TOKEN_BUCKETS = (64, 256, 1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072)
+# What was scored, to watch for reward hacking. Rewards: R3's lie in about [0, 5] (LI and the
+# closed branch's f reach max_rollout_tokens / 100), a reward model's or a standardised ensemble's
+# may be negative. Relevance: a cosine lies in [-1, 1], a raw dot product (Contriever) up to ~3.5.
+# A histogram with negative buckets has no `_sum` (a sum that can fall breaks rate()), so the
+# reward's sum is also kept as two counters, by sign.
+REWARD_BUCKETS = (-5.0, -2.0, -1.0, -0.5, -0.25, 0.0, 0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 4.0, 5.0,
+                  7.5, 10.0)
+RELEVANCE_BUCKETS = (-0.5, -0.25, 0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 1.0, 1.5, 2.0,
+                     2.5, 3.0, 3.5, 4.0)
+LENGTH_BUCKETS = (0.0, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 4.0, 5.0, 7.5, 10.0, 20.0)
+SHARE_BUCKETS = (0.0, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0)  # RP
+COPY_BUCKETS = (0.0, 0.05, 0.1, 0.25, 0.5, 0.75, 0.9, 1.0)  # 0.5: the dashboard's "mostly copied"
 
 
 class StoreCounts(Protocol):
@@ -27,6 +40,37 @@ class LlmCounts(Protocol):
     retries: int
     answered: int
     fallbacks: int
+
+
+class ScoreParts(Protocol):
+    """What the metrics read of one scored item (`r3_service.rule.reward.Scored`)."""
+
+    @property
+    def reward(self) -> float: ...
+
+    @property
+    def length_incentive(self) -> float: ...
+
+    @property
+    def repetition_penalty(self) -> float: ...
+
+    @property
+    def relevance(self) -> float | None: ...
+
+    @property
+    def query_type(self) -> str: ...
+
+
+@dataclass(frozen=True)
+class ScoreSeries:
+    """One (backend, query type)'s children of the score metrics, looked up once."""
+
+    reward: Histogram
+    positive: Counter
+    negative: Counter
+    length_incentive: Histogram
+    repetition_penalty: Histogram
+    copy_overlap: Histogram
 
 
 class StoreCollector(Collector):
@@ -96,6 +140,50 @@ class Metrics:
                                registry=self.registry)
         self.oom_splits = Counter("r3_oom_splits", "Batches split after a CUDA out-of-memory error",
                                   registry=self.registry)
+        # What was scored, per backend and query type (see `observe_scores`)
+        parts = ["backend", "query_type"]
+        self.reward = Histogram("r3_reward", "Rewards returned", parts,
+                                buckets=REWARD_BUCKETS, registry=self.registry)
+        self.relevance = Histogram("r3_relevance", "Relevance S of the items that have one", parts,
+                                   buckets=RELEVANCE_BUCKETS, registry=self.registry)
+        self.length_incentive = Histogram("r3_length_incentive", "Length incentive LI (word tokens / 100)",
+                                          parts, buckets=LENGTH_BUCKETS, registry=self.registry)
+        self.repetition_penalty = Histogram("r3_repetition_penalty", "Repetition penalty RP (1: no "
+                                            "repeated trigram)", parts, buckets=SHARE_BUCKETS,
+                                            registry=self.registry)
+        self.copy_overlap = Histogram("r3_copy_overlap", "Share of the response's word tokens copied "
+                                      "from the query in 4-grams", parts, buckets=COPY_BUCKETS,
+                                      registry=self.registry)
+        self.reward_magnitude = Counter("r3_reward_magnitude", "Sum of |reward| by sign; mean reward = "
+                                        "(positive - negative) / r3_reward_count", [*parts, "sign"],
+                                        registry=self.registry)
+        self.empty = Counter("r3_empty_responses", "Responses empty once cleaned", ["backend"],
+                             registry=self.registry)
+        self._scored: dict[tuple[str, str], ScoreSeries] = {}
+
+    def observe_scores(self, backend: str, scored: Sequence[ScoreParts], copy_overlaps: Sequence[float],
+                       empty: int) -> None:
+        """One observation per item in each distribution (`copy_overlaps` in item order); a backend
+        without relevance gets no relevance series."""
+        for item, overlap in zip(scored, copy_overlaps, strict=True):
+            labels = (backend, item.query_type)
+            series = self._scored.get(labels)
+            if series is None:
+                series = self._scored[labels] = ScoreSeries(
+                    self.reward.labels(*labels), self.reward_magnitude.labels(*labels, "positive"),
+                    self.reward_magnitude.labels(*labels, "negative"), self.length_incentive.labels(*labels),
+                    self.repetition_penalty.labels(*labels), self.copy_overlap.labels(*labels))
+            series.reward.observe(item.reward)
+            if item.reward >= 0:
+                series.positive.inc(item.reward)
+            else:
+                series.negative.inc(-item.reward)
+            series.length_incentive.observe(item.length_incentive)
+            series.repetition_penalty.observe(item.repetition_penalty)
+            series.copy_overlap.observe(overlap)
+            if item.relevance is not None:
+                self.relevance.labels(*labels).observe(item.relevance)
+        self.empty.labels(backend).inc(empty)  # 0 too: the series exists once a backend has scored
 
     def watch_store(self, stats: StoreCounts) -> None:
         self.registry.register(StoreCollector(stats))

@@ -62,6 +62,11 @@ def calibrate() -> int:
     return _run("r3-calibrate", "r3_tools.calibrate", ["service"])
 
 
+def audit() -> int:
+    """`r3-audit` scores in-process (the service extra) and plots (the bench extra)."""
+    return _run("r3-audit", "r3_tools.audit", ["service", "bench"])
+
+
 def loadtest() -> int:
     """The load test needs only httpx; it checks the bench extra itself once it has parsed a
     `--plot` (argparse knows its spellings, abbreviations included)."""

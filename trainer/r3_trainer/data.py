@@ -7,10 +7,12 @@ trainer pays for is cut exactly where the service would cut it.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from transformers import PreTrainedTokenizerBase
 
 from r3_service.rule.datasets import read_records
 from r3_service.rule.features import GENERIC_STOP_STRINGS, clean_response
@@ -52,9 +54,37 @@ def stop_strings(template: str) -> tuple[str, ...]:
     return TEMPLATES[template].stop_strings + GENERIC_STOP_STRINGS
 
 
-def clean_rollout(text: str, template: str) -> str:
+def clean_rollout(text: str, stops: Sequence[str]) -> str:
     """A decoded rollout as the reward sees it: stripped, cut at the first stop string."""
-    return clean_response(text, stop_strings(template))
+    return clean_response(text, stops)
+
+
+@dataclass(frozen=True)
+class PromptFormat:
+    """How a query becomes a prompt, and where a rollout ends."""
+
+    render: Callable[[str], str]
+    stops: tuple[str, ...]
+
+
+def prompt_format(template: str, system: str | None, tokenizer: PreTrainedTokenizerBase) -> PromptFormat:
+    """A named template of the service's, or "model": the tokenizer's own chat template, whose role
+    markers are recognised by rendering one prompt (ChatML's for SmolLM2, Qwen, ...)."""
+    if template != "model":
+        chat = TEMPLATES[template]
+        return PromptFormat(lambda query: chat.prompt(query, system), stop_strings(template))
+    if not tokenizer.chat_template:
+        raise ValueError("chat_template: model: this tokenizer has no chat template; name one instead")
+
+    def render(query: str) -> str:
+        messages = ([{"role": "system", "content": system}] if system else []) + [
+            {"role": "user", "content": query}]
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+    sample = render("Hello?")
+    known = tuple(stop for chat in TEMPLATES.values() if chat.detect.search(sample)
+                  for stop in chat.stop_strings)
+    return PromptFormat(render, (*dict.fromkeys((*known, tokenizer.eos_token)), *GENERIC_STOP_STRINGS))
 
 
 class PromptOrder:

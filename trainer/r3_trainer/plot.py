@@ -36,8 +36,8 @@ def _lines(ax: Any, records: list[dict[str, Any]], title: str, *series: tuple[st
 
 
 def plot_log(log_path: str | Path, out_path: str | Path, title: str | None = None) -> Path:
-    """Six panels: reward (+ dev), R3 components, KL and its coefficient, losses, length/entropy,
-    time per step by phase."""
+    """Eight panels: reward (+ dev), reward per query type, R3 components, KL and its coefficient,
+    hack signals, losses, length/entropy, time per step by phase."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -46,8 +46,8 @@ def plot_log(log_path: str | Path, out_path: str | Path, title: str | None = Non
     records = read_log(log_path)
     if not records:
         raise ValueError(f"{log_path}: no records to plot")
-    fig, axes = plt.subplots(2, 3, figsize=(16, 8.5))
-    (ax_reward, ax_parts, ax_kl), (ax_loss, ax_len, ax_time) = axes
+    fig, axes = plt.subplots(2, 4, figsize=(21, 8.5))
+    (ax_reward, ax_types, ax_parts, ax_kl), (ax_hacks, ax_loss, ax_len, ax_time) = axes
 
     steps, mean = _series(records, "reward/mean")
     _, std = _series(records, "reward/std")
@@ -61,6 +61,18 @@ def plot_log(log_path: str | Path, out_path: str | Path, title: str | None = Non
         ax_reward.plot(eval_steps, eval_mean, "o-", color="C3", label="dev reward (mean)")
     ax_reward.set_title("reward")
     ax_reward.legend(fontsize=8)
+
+    _lines(ax_types, records, "reward per query type (a batch's mix moves the mean)",
+           ("reward/open_mean", "open queries"), ("reward/closed_mean", "closed queries"),
+           ("eval/reward/open_mean", "dev, open"), ("eval/reward/closed_mean", "dev, closed"))
+
+    _lines(ax_hacks, records, "hack signals (shares of responses)",
+           ("hack/copy_share", "copying the query"), ("hack/empty_share", "empty"),
+           ("hack/truncated_share", "cut at max_new_tokens"), ("hack/copy_overlap", "mean copy overlap"))
+    ax_hacks.set_ylim(-0.03, 1.03)
+    for record in records:
+        if record.get("warnings"):
+            ax_hacks.axvline(record["step"], color="red", alpha=0.15)
 
     # LI and S on their own scale (left); RP and the closed-branch fraction live in [0, 1] (right).
     _lines(ax_parts, records, "reward breakdown (means)",
@@ -86,6 +98,7 @@ def plot_log(log_path: str | Path, out_path: str | Path, title: str | None = Non
     _lines(ax_loss, records, "losses", ("loss/policy", "policy loss"), ("loss/value", "value loss"))
 
     ax_len.plot(*_series(records, "response/length_tokens"), color="C4", label="response length (tokens)")
+    ax_len.plot(*_series(records, "response/words"), color="C6", label="length (words, as LI counts)")
     ax_len.set_ylabel("tokens")
     twin = ax_len.twinx()
     twin.plot(*_series(records, "policy/entropy"), color="C5", linestyle="--", label="entropy (nats/token)")

@@ -17,10 +17,9 @@ from accelerate import Accelerator
 from transformers import PreTrainedTokenizerBase
 
 from r3_client import RewardItem
-from r3_service.rule.templates import TEMPLATES
 from r3_trainer import ppo
 from r3_trainer.config import TrainConfig
-from r3_trainer.data import Record, clean_rollout, stop_strings
+from r3_trainer.data import Record, clean_rollout, prompt_format
 from r3_trainer.model import PolicyWithValueHead, end_token_ids, generation_config, response_logprobs
 from r3_trainer.rewards import PendingRewards, RewardScorer, RewardServiceError, ScoredRewards
 
@@ -73,8 +72,8 @@ class RolloutMaker:
                  model: torch.nn.Module, scorer: RewardScorer) -> None:
         self.cfg, self.accelerator, self.tokenizer = cfg, accelerator, tokenizer
         self.model, self.scorer = model, scorer
-        self.template = TEMPLATES[cfg.chat_template]
-        stops = stop_strings(cfg.chat_template)
+        self.format = prompt_format(cfg.chat_template, cfg.system_prompt, tokenizer)
+        stops = self.format.stops
         eos_ids = end_token_ids(tokenizer, stops)
         self.generation_config = generation_config(cfg, tokenizer, eos_ids)
         # Multi-token stop strings end a rollout too (single-token ones are already eos ids).
@@ -105,10 +104,11 @@ class RolloutMaker:
 
     def encode_prompts(self, records: list[Record]) -> tuple[torch.Tensor, torch.Tensor]:
         """Token ids of the templated prompts, BOS first, left-truncated and left-padded."""
-        texts = [self.template.prompt(r.query, self.cfg.system_prompt) for r in records]
+        texts = [self.format.render(r.query) for r in records]
         encoded = self.tokenizer(texts, add_special_tokens=False, return_token_type_ids=False)["input_ids"]
         bos_id = self.tokenizer.bos_token_id
-        bos = [bos_id] if self.cfg.add_bos and bos_id is not None else []
+        # A chat template that starts with the BOS token (ChatML's <|im_start|>) has it already.
+        bos = [bos_id] if self.cfg.add_bos and bos_id is not None and encoded[0][:1] != [bos_id] else []
         keep = self.cfg.max_prompt_tokens - len(bos)
         rows = [bos + ids[-keep:] for ids in encoded]
         width = max(len(r) for r in rows)
@@ -138,7 +138,7 @@ class RolloutMaker:
     def decode(self, response_ids: torch.Tensor, response_mask: torch.Tensor) -> list[str]:
         rows = [ids[: int(n)].tolist() for ids, n in zip(response_ids, response_mask.sum(1), strict=True)]
         raw = self.tokenizer.batch_decode(rows, skip_special_tokens=True)
-        return [clean_rollout(text, self.cfg.chat_template) for text in raw]
+        return [clean_rollout(text, self.format.stops) for text in raw]
 
     @torch.no_grad()
     def _forward(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, response_ids: torch.Tensor,

@@ -11,33 +11,94 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 
+from r3_service.rule.copying import copy_overlap
+from r3_service.rule.features import word_tokens
+from r3_trainer.config import HackBounds
 from r3_trainer.rewards import ScoredRewards
 from r3_trainer.rollout import Rollout
 
 
+def _ratio(part: float, whole: float) -> float:
+    return part / whole if whole else float("nan")
+
+
 def reward_stats(accelerator: Accelerator, scored: list[ScoredRewards], tokens: int,
                  prefix: str) -> dict[str, float]:
-    """Raw reward mean/std and each R3 component's mean, over all processes."""
+    """Raw reward mean/std, the mean per query type (a batch's mix of types moves the mean more
+    than learning does) and each R3 component's mean, over all processes."""
     rewards = [r for s in scored for r in s.batch.rewards]
     components = [c for s in scored for c in s.batch.components]
     relevance = [c.relevance for c in components if c.relevance is not None]
+    by_type = {kind: [r for r, c in zip(rewards, components, strict=True) if c.query_type == kind]
+               for kind in ("open", "closed")}
     local = torch.tensor([
         sum(rewards), sum(r * r for r in rewards), len(rewards),
         sum(c.length_incentive for c in components), sum(c.repetition_penalty for c in components),
         sum(relevance), len(relevance), sum(c.relevance_target == "reference" for c in components),
-        tokens,
+        tokens, sum(by_type["open"]), len(by_type["open"]), sum(by_type["closed"]), len(by_type["closed"]),
     ], dtype=torch.float64, device=accelerator.device)
-    (total, squares, n, li, rp, rel, n_rel, closed, tokens) = accelerator.reduce(local, "sum").tolist()
+    (total, squares, n, li, rp, rel, n_rel, closed, tokens, open_sum, n_open, closed_sum,
+     n_closed) = accelerator.reduce(local, "sum").tolist()
     mean = total / n
     return {
+        f"{prefix}reward/open_mean": _ratio(open_sum, n_open),
+        f"{prefix}reward/closed_mean": _ratio(closed_sum, n_closed),
+        f"{prefix}reward/open_share": n_open / n,
         f"{prefix}reward/mean": mean,
         f"{prefix}reward/std": math.sqrt(max(squares / n - mean * mean, 0.0) * n / max(n - 1, 1)),
         f"{prefix}components/length_incentive": li / n,
         f"{prefix}components/repetition_penalty": rp / n,
-        f"{prefix}components/relevance": rel / n_rel if n_rel else float("nan"),
+        f"{prefix}components/relevance": _ratio(rel, n_rel),
         f"{prefix}components/closed_branch": closed / n,
         f"{prefix}response/length_tokens": tokens / n,
     }
+
+
+def text_signals(accelerator: Accelerator, queries: list[str], texts: list[str], copy_threshold: float,
+                 prefix: str) -> dict[str, float]:
+    """The hack signals read off the texts, over all processes: share of responses copying the
+    query (4-gram overlap past `copy_threshold`), share of empty ones, mean length in words."""
+    overlaps = [copy_overlap(q, t) for q, t in zip(queries, texts, strict=True)]
+    local = torch.tensor([
+        sum(o >= copy_threshold for o in overlaps), sum(overlaps), sum(not t for t in texts),
+        sum(len(word_tokens(t)) for t in texts), len(texts),
+    ], dtype=torch.float64, device=accelerator.device)
+    copying, overlap, empty, words, n = accelerator.reduce(local, "sum").tolist()
+    return {f"{prefix}hack/copy_share": copying / n, f"{prefix}hack/copy_overlap": overlap / n,
+            f"{prefix}hack/empty_share": empty / n, f"{prefix}response/words": words / n}
+
+
+class HackWatch:
+    """Warns when a step's signal passes its configured bound; the length bound is relative to
+    the mean length of the first `baseline_steps` steps."""
+
+    def __init__(self, bounds: HackBounds, baseline_steps: int = 3) -> None:
+        self.bounds = bounds
+        self.baseline_steps = baseline_steps
+        self._first_lengths: list[float] = []
+
+    def check(self, record: dict[str, Any]) -> list[str]:
+        b, warnings = self.bounds, []
+        above = (("hack/copy_share", b.copy_share, "responses copying the query"),
+                 ("hack/empty_share", b.empty_share, "empty responses"),
+                 ("hack/truncated_share", b.truncated_share, "responses cut at max_new_tokens"))
+        for key, bound, what in above:
+            value = record.get(key)
+            if bound is not None and value is not None and value > bound:
+                warnings.append(f"{key}={value:.2f} > {bound:g}: {what}")
+        rp = record.get("components/repetition_penalty")
+        if b.repetition_penalty_min is not None and rp is not None and rp < b.repetition_penalty_min:
+            warnings.append(f"components/repetition_penalty={rp:.2f} < {b.repetition_penalty_min:g}: "
+                            "the policy repeats itself")
+        words = record.get("response/words")
+        if words is not None:
+            if len(self._first_lengths) < self.baseline_steps:
+                self._first_lengths.append(words)
+            base = sum(self._first_lengths) / len(self._first_lengths)
+            if b.length_growth is not None and base > 0 and words > b.length_growth * base:
+                warnings.append(f"response/words={words:.1f} > {b.length_growth:g} x {base:.1f} "
+                                "(the first steps'): length is being farmed")
+        return warnings
 
 
 def rollout_stats(rollout: Rollout, generated: list[Rollout], scored: ScoredRewards,
@@ -48,6 +109,7 @@ def rollout_stats(rollout: Rollout, generated: list[Rollout], scored: ScoredRewa
     return {
         "policy/entropy": rollout.entropy,
         "response/ended": rollout.ended,
+        "hack/truncated_share": 1.0 - rollout.ended,
         "staleness": step - 1 - rollout.policy_step,
         "reward/latency_s": scored.latency_s,
         "speed/tokens_per_s": tokens / generation if generation > 0 else float("nan"),

@@ -34,7 +34,7 @@ from r3_trainer.data import PromptOrder, load_records, split_dev
 from r3_trainer.model import PolicyWithValueHead, build_policy, load_tokenizer
 from r3_trainer.rewards import RewardServiceError, ScoredRewards
 from r3_trainer.rollout import Rollout, RolloutMaker, RolloutPipeline, reward_items, reward_scorer
-from r3_trainer.stats import StepLog, finite, reward_stats, rollout_stats
+from r3_trainer.stats import HackWatch, StepLog, finite, reward_stats, rollout_stats, text_signals
 from r3_trainer.update import PPOUpdate
 
 
@@ -64,6 +64,7 @@ class PPOTrainer:
         self.maker = RolloutMaker(cfg, acc, self.tokenizer, self.model, self.scorer)
         self.ppo = PPOUpdate(cfg, acc, self.model, self.optimizer)
         self.log = StepLog(cfg.log_path, acc.is_main_process)
+        self.watch = HackWatch(cfg.hack_bounds)
         self.step = 0
         self.position = 0  # prompts trained on so far, all processes together
         self.best_dev: float | None = None
@@ -170,6 +171,14 @@ class PPOTrainer:
         record.update(reward_stats(self.accelerator, [scored], rollout.n_tokens, ""))
         record.update(stats)
         record.update(rollout_stats(rollout, generated, scored, self.step))
+        record.update(text_signals(self.accelerator, [r.query for r in rollout.records], rollout.texts,
+                                   self.cfg.copy_threshold, ""))
+        warnings = self.watch.check(record)
+        if warnings:
+            record["warnings"] = warnings
+            if self.accelerator.is_main_process:
+                for warning in warnings:
+                    tqdm.write(f"step {self.step}: WARNING reward hacking? {warning}")
         return record
 
     # ------------------------------------------------------------------ evaluation
@@ -187,7 +196,9 @@ class PPOTrainer:
                 tokens += int(response_mask.sum().item())
         # One request per process (the client chunks it), awaited together with the other processes.
         scored = [self.maker.await_rewards(self.scorer.submit(items))]
-        return reward_stats(acc, scored, tokens, "eval/")
+        return {**reward_stats(acc, scored, tokens, "eval/"),
+                **text_signals(acc, [i.query for i in items], [i.response for i in items],
+                               self.cfg.copy_threshold, "eval/")}
 
     def _evaluate_and_keep_best(self) -> dict[str, float]:
         """The paper's rule: evaluate every `eval_every` steps, keep the best dev mean reward."""

@@ -15,6 +15,7 @@ import torch
 
 from r3_service.engine.admission import Admission, BodySize, BodySizes, demand
 from r3_service.engine.backends import Queues, RewardBackend, build_backends
+from r3_service.engine.observe import observe
 from r3_service.engine.pool import ModelPool, describe_model
 from r3_service.engine.resolve import RawItem, Resolver
 from r3_service.metrics import Metrics
@@ -88,7 +89,8 @@ class RewardEngine:
 
     async def score(self, items: Sequence[RawItem], backend: RewardBackend, body: BodySize | None = None,
                     early: Admission | None = None) -> list[Scored]:
-        """Rewards in item order. Raises QueueFull before any work when the request does not fit
+        """Rewards in item order, their distributions recorded in the metrics (every route and
+        the Ray handle score here). Raises QueueFull before any work when the request does not fit
         on a model's queue; `early` (from `admit_early`) is swapped for the exact admission, and
         `body` teaches `admit_early` its bytes per text."""
         texts = demand(items)
@@ -98,9 +100,12 @@ class RewardEngine:
             early.release()
         admission = Admission(self._queues_of(backend), texts)
         try:
-            return await backend.score(await self.resolver.resolve(items, classify=backend.uses_query_type))
+            resolved = await self.resolver.resolve(items, classify=backend.uses_query_type)
+            results = await backend.score(resolved)
         finally:
             admission.release()
+        observe(self.metrics, backend.name, resolved, results)
+        return results
 
     def admit_early(self, body: BodySize) -> Admission:
         """Admit a request on the default backend's queues before its body is read, or raise

@@ -1,0 +1,301 @@
+"""`r3-audit`: the perturbations, the statistics, the threshold check, and whole runs through the
+real engine (R3 presets on the packaged MiniLM, a tiny reward model, an ensemble)."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import DATA, ROOT, app_settings, in_process, save_tiny_bert
+from r3_tools import audit
+from r3_tools.audit import FILLER, Record, Slot
+
+ANSWER = "Paris is the capital of France. It lies on the Seine. About two million people live there."
+
+
+def slot(response: str = ANSWER, *, query: str = "What is the capital of France?",
+         reference: str | None = None, query_type: str = "open", index: int = 0,
+         other: str = "Some other answer.") -> Slot:
+    return Slot(Record(query, response, reference, query_type, True), index, 7, other)
+
+
+def words(text: str) -> int:
+    return len(text.split())
+
+
+# ------------------------------------------------------------------------------ perturbations
+
+
+def test_repeats_multiply_the_word_count() -> None:
+    assert words(audit.repeat_2x(slot()) or "") == 2 * words(ANSWER)
+    assert words(audit.repeat_4x(slot()) or "") == 4 * words(ANSWER)
+    assert (audit.repeat_4x(slot()) or "").count(ANSWER) == 4
+
+
+@pytest.mark.parametrize("start", [0, 3, 13])
+def test_filler_doubles_the_length_with_generic_sentences_only(start: int) -> None:
+    padded = audit.filler_2x(slot(index=start)) or ""
+    n = words(ANSWER)
+    assert padded.startswith(ANSWER)
+    assert 2 * n <= words(padded) < 2 * n + max(words(s) for s in FILLER)
+    rest = padded[len(ANSWER):].strip()
+    first = FILLER[start % len(FILLER)]
+    assert rest.startswith(first)  # cycled deterministically from the item's position
+    assert all(s in FILLER for s in (f"{p}." for p in rest.removesuffix(".").split(". ")))
+    assert audit.filler_2x(slot(index=start)) == padded
+
+
+def test_shuffle_keeps_the_words_and_is_seeded() -> None:
+    text = " ".join(f"w{i}" for i in range(40))
+    shuffled = audit.shuffle(slot(text))
+    assert shuffled != text and Counter(shuffled.split()) == Counter(text.split())
+    assert audit.shuffle(slot(text)) == shuffled  # same seed and position: the same order
+    assert audit.shuffle(slot(text, index=1)) != shuffled
+
+
+def test_first_sentence_skips_list_markers_and_keeps_short_answers_whole() -> None:
+    assert audit.first_sentence(ANSWER) == "Paris is the capital of France."
+    assert audit.first_sentence("1. Mix the flour and water.\n2. Knead it.") == "1. Mix the flour and water."
+    assert audit.first_sentence("Dr. Who is a TV show! Yes.") == "Dr. Who is a TV show!"
+    assert audit.first_sentence("Paris.") == "Paris."
+
+
+@pytest.mark.parametrize("n", [2, 3, 10, 101])
+def test_derangement_is_a_seeded_permutation_without_fixed_points(n: int) -> None:
+    order = audit.derangement(n, seed=5)
+    assert sorted(order) == list(range(n)) and all(order[i] != i for i in range(n))
+    assert audit.derangement(n, seed=5) == order
+
+
+def records(n: int = 12) -> list[Record]:
+    rng = random.Random(1)
+    out = []
+    for i in range(n):
+        answer = " ".join(rng.choice("abcdefgh") + str(i) for _ in range(12)) + ". Second sentence here ok."
+        closed = i % 2 == 0
+        reference = (answer if i % 4 == 0 else f"reference {i}") if closed else None
+        kind = "closed" if closed else "open"
+        out.append(Record(f"question {i} about things", answer, reference, kind, True))
+    return out
+
+
+def test_perturb_keeps_only_defined_and_changed_responses() -> None:
+    recs = [*records(), Record("q dup", "same answer", None, "open", True),
+            Record("q dup 2", "same answer", None, "open", True), Record("q empty", "  ", None, "open", True)]
+    out = audit.perturb(recs, seed=3)
+    assert list(out) == list(audit.PERTURBATIONS)
+    for name, pairs in out.items():
+        assert all(text.strip() != recs[i].response.strip() for i, text in pairs), name
+    swapped = dict(out["swap"])
+    assert all(swapped[i] != recs[i].response for i in swapped)
+    assert len(swapped) >= len(recs) - 3  # only identical answers drop out
+    # The reference is copied only on closed items whose reference is not the response itself.
+    assert sorted(i for i, _ in out["copy-reference"]) == [i for i, r in enumerate(recs)
+                                                           if r.query_type == "closed" and i % 4 != 0]
+    assert len(recs) - 1 not in dict(out["empty"])  # an empty true response has no empty variant
+    assert dict(out["copy-query"])[0] == recs[0].query
+
+
+def test_reading_records_uses_responses_and_marks_stand_ins(tmp_path: Path) -> None:
+    path = tmp_path / "d.jsonl"
+    lines = [{"input": "Q1", "output": "R1", "qtype": "closed"},
+             {"input": "Q2", "output": "R2", "qtype": "closed", "response": "A2"},
+             {"input": "Q3", "output": "R3", "qtype": "OPENENDED"},
+             {"input": "Q4", "output": "R4"},  # no type: skipped
+             {"input": "Q5", "qtype": "open"}]  # nothing to stand in as a response: skipped
+    path.write_text("\n".join(json.dumps(x) for x in lines))
+    kept, skipped = audit.read_audit_records(path)
+    assert [(r.query, r.response, r.reference, r.query_type, r.own_response) for r in kept] == [
+        ("Q1", "R1", "R1", "closed", False), ("Q2", "A2", "R2", "closed", True),
+        ("Q3", "R3", "R3", "open", False)]
+    assert len(skipped) == 2 and "line 4" in skipped[0] and "line 5" in skipped[1]
+    dropped, _ = audit.read_audit_records(path, closed_reference="drop")
+    assert [r.reference for r in dropped] == [None, "R2", None]
+
+
+# --------------------------------------------------------------------------------- statistics
+
+
+def test_compare_counts_strict_wins_and_ties() -> None:
+    got = audit.compare([1.0, 2.0, 3.0, 1.0], [0.5, 2.0 + 1e-15, 4.0, 1.0])
+    assert got["n"] == 4 and got["win_rate"] == 0.25 and got["tie_share"] == 0.5
+    assert got["reward_ratio"] == pytest.approx(7.5 / 7.0)
+    assert got["mean_delta"] == pytest.approx(0.5 / 4)
+    assert audit.compare([-1.0, -2.0], [0.0, 0.0])["reward_ratio"] is None  # not a ratio of signed means
+
+
+def test_spearman_uses_average_ranks() -> None:
+    assert audit.ranks([3.0, 1.0, 3.0, 2.0]) == [3.5, 1.0, 3.5, 2.0]
+    assert audit.spearman([1, 2, 3, 4], [1, 3, 2, 4]) == pytest.approx(0.8)
+    assert audit.spearman([1, 1, 2, 3], [1, 2, 3, 4]) == pytest.approx(4.5 / math.sqrt(22.5))
+    assert audit.spearman([1, 2, 3], [3, 2, 1]) == pytest.approx(-1.0)
+    assert audit.spearman([1, 1, 1], [1, 2, 3]) is None
+
+
+def test_quantiles_interpolate_like_numpy() -> None:
+    assert audit.quantile([4, 1, 3, 2], 0.5) == 2.5
+    assert audit.quantile([1, 2, 3, 4, 5], 0.1) == pytest.approx(1.4)
+
+
+def result(rate: float, n: int = 100) -> dict:
+    return {"n": n, "win_rate": rate}
+
+
+def test_thresholds_flag_rates_below_their_floor(tmp_path: Path) -> None:
+    results = {"a": {"copy-query": {"all": result(0.90), "open": result(0.5)},
+                     "swap": {"all": result(0.99)}, "copy-reference": {"all": result(None, 0)}},  # type: ignore[arg-type]
+               "b": {"copy-query": {"all": result(0.97)}, "swap": {"all": result(0.80)}}}
+    path = tmp_path / "t.yaml"
+    path.write_text(yaml.safe_dump({"*": {"copy-query": 0.95, "swap": 0.9},
+                                    "a": {"copy-query@open": 0.6, "copy-reference": 0.5},
+                                    "b": {"copy-query": 0.99}, "absent": {"empty": 1.0}}))
+    violations, notes = audit.check(results, audit.read_thresholds(path))
+    assert {(v["backend"], v["perturbation"], v["floor"]) for v in violations} == {
+        ("a", "copy-query", 0.95), ("a", "copy-query@open", 0.6), ("b", "copy-query", 0.99),
+        ("b", "swap", 0.9)}
+    assert notes == ["a: copy-reference: no items to measure (floor 0.5 not checked)"]
+    line = audit.violation_line(violations[0])
+    assert line == "backend a, perturbation copy-query: win rate 0.900 < floor 0.950 (n=100)"
+
+
+@pytest.mark.parametrize("content,needle", [
+    ({"r3": {"copy-question": 0.9}}, "unknown perturbation 'copy-question'"),
+    ({"r3": {"swap@middle": 0.9}}, "unknown perturbation 'swap@middle'"),
+    ({"r3": {"swap": 1.5}}, "in [0, 1]"),
+    ({"r3": [0.5]}, "expected"),
+])
+def test_bad_threshold_files_are_refused(tmp_path: Path, content: object, needle: str) -> None:
+    path = tmp_path / "t.yaml"
+    path.write_text(yaml.safe_dump(content))
+    with pytest.raises(ValueError, match=needle.replace("[", r"\[").replace("]", r"\]")):
+        audit.read_thresholds(path)
+
+
+def test_shipped_thresholds_are_valid() -> None:
+    floors = audit.read_thresholds(ROOT / "configs" / "audit-thresholds.yaml")
+    assert floors["r3-novel"]["copy-query"] >= 0.95 and "r3" in floors
+
+
+# ------------------------------------------------------------------------------- whole runs
+
+
+def run(tmp_path: Path, *argv: str) -> tuple[int, dict]:
+    code = audit.main([str(DATA), "--out", str(tmp_path), "--name", "a", *argv])
+    return code, json.loads((tmp_path / "a.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def presets(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    """r3, r3-novel and relevance on the first 40 records (one MiniLM, shared)."""
+    out = tmp_path_factory.mktemp("audit")
+    code, report = run(out, "--limit", "40", "--backend", "r3-novel", "--backend", "relevance",
+                       "--compare-with", "r3")
+    assert code == 0
+    return out, report
+
+
+@pytest.mark.slow  # the presets fixture: MiniLM on 40 records, ~25 s on 2 cores
+def test_relevance_loses_to_the_copied_question_and_r3_novel_does_not(presets: tuple[Path, dict]) -> None:
+    _, report = presets
+    assert set(report["results"]) == {"r3-novel", "relevance", "r3"}
+    assert report["perturbations"]["copy-query"]["n"] == 40
+    # S(x, x) is a cosine model's maximum: only the rare item that beats its own question wins.
+    assert report["results"]["relevance"]["copy-query"]["all"]["win_rate"] <= 0.1
+    assert report["results"]["relevance"]["copy-query"]["open"]["win_rate"] == 0.0
+    assert report["results"]["r3-novel"]["copy-query"]["all"]["win_rate"] >= 0.9
+    assert report["results"]["r3-novel"]["copy-query"]["open"]["win_rate"] >= 0.9
+    # The copied question is cut before scoring: question + answer scores as the answer alone.
+    assert report["results"]["r3-novel"]["query+answer"]["all"]["tie_share"] >= 0.9
+    assert report["results"]["r3"]["empty"]["all"]["win_rate"] == 1.0
+
+
+@pytest.mark.slow  # the presets fixture: MiniLM on 40 records, ~25 s on 2 cores
+def test_report_counts_branches_and_correlations(presets: tuple[Path, dict]) -> None:
+    _, report = presets
+    meta = report["meta"]
+    assert meta["open"] + meta["closed"] == meta["records"] == 40
+    assert meta["response_is_reference"] == meta["closed"]  # no response field: the reference stands in
+    assert report["perturbations"]["copy-reference"]["n"] == 0
+    for backend in report["results"]:
+        dist = report["branches"][backend]
+        assert dist["open"]["n"] == meta["open"] and set(dist["open"]["quantiles"]) == {
+            "q10", "q25", "q50", "q75", "q90"}
+        q = list(dist["closed"]["quantiles"].values())
+        assert q == sorted(q)
+    # r3's closed branch pays S(y, y) here: far above its open branch.
+    assert report["branches"]["r3"]["median_ratio_closed_open"] > 1
+    assert report["spearman"]["with"] == "r3" and report["spearman"]["rho"]["r3"] == pytest.approx(1.0)
+    assert -1 <= report["spearman"]["rho_open"]["r3-novel"] <= 1
+
+
+@pytest.mark.slow  # the presets fixture: MiniLM on 40 records, ~25 s on 2 cores
+def test_report_files_are_written_and_the_table_printed(presets: tuple[Path, dict]) -> None:
+    out, report = presets
+    md = (out / "a.md").read_text()
+    assert (out / "a.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "| copy-query | 40 |" in md and "## Win rate, open items" in md and "torch" in md
+    assert "r3-audit " in report["meta"]["command"] and "--limit 40" in md
+
+
+def test_thresholds_fail_the_run_naming_what_fell_short(tmp_path: Path, capsys) -> None:
+    """`li` pays length alone: the repeated answer beats the true one every time."""
+    floors = tmp_path / "floors.yaml"
+    floors.write_text(yaml.safe_dump({"li": {"repeat-2x": 0.5, "empty": 0.9}, "*": {"first-sentence": 0.8}}))
+    code, report = run(tmp_path, "--limit", "30", "--backend", "li", "--thresholds", str(floors))
+    captured = capsys.readouterr()
+    assert code == 1 and report["results"]["li"]["repeat-2x"]["all"]["win_rate"] == 0.0
+    assert ("THRESHOLD VIOLATION: backend li, perturbation repeat-2x: win rate 0.000 < floor 0.500"
+            in captured.err)
+    assert "perturbation empty" not in captured.err and "first-sentence" not in captured.err
+    assert "| repeat-2x | 30 |" in captured.out  # the markdown goes to stdout
+    floors.write_text(yaml.safe_dump({"li": {"empty": 0.9}}))
+    assert run(tmp_path, "--limit", "30", "--backend", "li", "--thresholds", str(floors))[0] == 0
+
+
+def test_unknown_backend_is_refused(tmp_path: Path, capsys) -> None:
+    assert audit.main([str(DATA), "--out", str(tmp_path), "--backend", "gpt-judge"]) == 2
+    assert "unknown backend(s) gpt-judge" in capsys.readouterr().err
+
+
+def test_reward_model_and_ensemble_backends(tmp_path: Path) -> None:
+    model = save_tiny_bert(tmp_path / "rm", "BertForSequenceClassification", num_labels=1,
+                           initializer_range=0.5)
+    config = tmp_path / "deploy.yaml"
+    config.write_text(yaml.safe_dump({"default_backend": "rm", "backends": {
+        "rm": {"kind": "hf-reward-model", "model": str(model)},
+        "li": {"kind": "r3", "preset": "li"},
+        "mix": {"kind": "ensemble", "members": [{"backend": "rm"}, {"backend": "li", "weight": 0.5}]}}}))
+    code, report = run(tmp_path, "--config", str(config), "--limit", "40")
+    assert code == 0 and set(report["results"]) == {"rm", "li", "mix"}
+    assert report["meta"]["backends"]["rm"]["kind"] == "hf-reward-model"
+    assert report["meta"]["backends"]["mix"]["kind"] == "ensemble"
+    for backend in ("rm", "mix"):
+        for name, counts in report["perturbations"].items():
+            got = report["results"][backend][name]["all"]
+            assert got["n"] == counts["n"]
+            assert counts["n"] == 0 or 0 <= got["win_rate"] + got["tie_share"] <= 1
+    # The ensemble is the weighted sum of its members, item by item: so are the mean differences.
+    for name in ("copy-query", "swap", "empty"):
+        parts = [report["results"][b][name]["all"]["mean_delta"] for b in ("rm", "li")]
+        assert report["results"]["mix"][name]["all"]["mean_delta"] == pytest.approx(parts[0] + 0.5 * parts[1])
+
+
+def test_over_http_the_service_gives_the_in_process_rewards() -> None:
+    recs, _ = audit.read_audit_records(DATA)
+    recs = recs[:20]
+    items = audit.items_to_score(recs, audit.perturb(recs, 0))
+    settings = {"backends": {"li": {"kind": "r3", "preset": "li"}, "lppo": {"kind": "r3", "preset": "lppo"}},
+                "default_backend": "li", "qtype_classifier": "none"}
+    with in_process(**settings) as client:
+        remote, described = audit.score_over_http("http://testserver", ["li", "lppo"], items, chunk=64,
+                                                  http_client=client)
+    local, _ = audit.score_in_process(app_settings(**settings, max_queue_items=4096), ["li", "lppo"], items,
+                                      chunk=64)
+    assert described["lppo"]["preset"] == "lppo"
+    assert remote["li"] == pytest.approx(local["li"]) and remote["lppo"] == pytest.approx(local["lppo"])
