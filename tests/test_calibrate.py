@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from conftest import DATA
+from r3_service.settings import PACKAGED_MODEL_RANGE
 from r3_tools.calibrate import calibrate, main, read_examples
 
 
@@ -67,3 +68,16 @@ def test_cli_refuses_bad_arguments(args: list[str], needle: str, capsys) -> None
     with pytest.raises(SystemExit) as exit_:
         main([str(DATA), *args])
     assert exit_.value.code == 2 and needle in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_the_packaged_models_default_range_is_what_calibrate_proposes(embedding_model) -> None:
+    """settings.PACKAGED_MODEL_RANGE is r3-calibrate's proposal on the shipped data set, and with it
+    the two branches' median rewards agree within 1.5x (the cosine default [0, 1] is ~8x apart)."""
+    usable, _ = read_examples(DATA)
+    result = calibrate(embedding_model, usable, max_rollout_tokens=512, quantiles=(0.1, 0.9))
+    assert result.relevance_in_range == pytest.approx(PACKAGED_MODEL_RANGE, abs=5e-4)
+    closed = float(result.closed_rewards(PACKAGED_MODEL_RANGE).median())
+    open_ = float(result.open_rewards.median())
+    assert 1 / 1.5 < closed / open_ < 1.5
+    assert float(result.closed_rewards((0.0, 1.0)).median()) / open_ > 5

@@ -13,10 +13,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import in_process
-from r3_service.engine.observe import copy_overlaps
 from r3_service.metrics import COPY_BUCKETS, RELEVANCE_BUCKETS, REWARD_BUCKETS
-from r3_service.rule.copying import copy_overlap
-from r3_service.rule.reward import ResolvedItem
 
 if TYPE_CHECKING:
     from fastapi.testclient import TestClient
@@ -172,17 +169,6 @@ def test_replicas_series_merge_under_ray_serve() -> None:
                 - value(merged, "r3_reward_magnitude_total", replica=replica, sign="negative", **OPEN)
                 for replica in "ab")
     assert total == pytest.approx(1.5)
-
-
-@pytest.mark.parametrize("query,response", [
-    ("What is the capital of France?", "What is the capital of France? Paris."),
-    ("What is the CAPITAL of France", "the capital of france is what is the capital"),
-    ("Hi there", "hi THERE hi"), ("Hi", "hi hi"), ("", "anything"), ("a b c d e", ""),
-    ("one two three four", "one two three"), ("x y z w, v", "Nothing in common here at all."),
-])
-def test_copy_overlaps_is_the_rules_copy_overlap(query: str, response: str) -> None:
-    item = ResolvedItem(query, response, None, "open", "request", None)
-    assert copy_overlaps([item, item]) == [copy_overlap(query, response)] * 2
 
 
 # The dashboard

@@ -380,12 +380,14 @@ def test_values_and_overrides_are_coerced():
 # ------------------------------------------------------------------------------------ model
 
 
-def test_rollout_logprobs_are_the_sampling_distribution():
-    """The log-probs PPO stores for a rollout are exactly those generate() sampled from, the pad
-    token is never sampled (it marks the end), and with adapters off the policy is the reference."""
+@pytest.mark.parametrize("temperature", [1.0, 0.5])
+def test_rollout_logprobs_are_the_sampling_distribution(temperature):
+    """The log-probs PPO stores for a rollout are exactly those generate() sampled from (at the
+    sampling temperature), the pad token is never sampled (it marks the end), and with adapters
+    off the policy is the reference."""
     from r3_trainer.model import build_policy, end_token_ids, generation_config, load_tokenizer
 
-    cfg = load_config(CONFIGS / "tiny-cpu.yaml", ["max_new_tokens=5"])
+    cfg = load_config(CONFIGS / "tiny-cpu.yaml", ["max_new_tokens=5", f"temperature={temperature}"])
     tokenizer = load_tokenizer(cfg)
     assert (tokenizer.bos_token, tokenizer.eos_token, tokenizer.pad_token) == ("[CLS]", "[SEP]", "[PAD]")
     policy = build_policy(cfg, tokenizer).eval()
@@ -395,11 +397,11 @@ def test_rollout_logprobs_are_the_sampling_distribution():
     gen = generation_config(cfg, tokenizer, end_token_ids(tokenizer, data.stop_strings("vicuna")))
     torch.manual_seed(0)
     with torch.no_grad():
-        out = policy.lm.generate(**prompts, generation_config=gen, output_logits=True,
+        out = policy.lm.generate(**prompts, generation_config=gen, output_scores=True,
                                  return_dict_in_generate=True)
         response = out.sequences[:, prompts["input_ids"].shape[1]:]
         assert response.shape == (2, 5) and not (response == tokenizer.pad_token_id).any()
-        sampled_logits = torch.stack(out.logits, 1).float()
+        sampled_logits = torch.stack(out.scores, 1).float()  # after the temperature, as sampled
         sampled = torch.log_softmax(sampled_logits, -1).gather(-1, response[..., None])[..., 0]
         ids = torch.cat([prompts["input_ids"], response], 1)
         mask = torch.cat([prompts["attention_mask"], torch.ones_like(response)], 1)
@@ -416,3 +418,65 @@ def test_rollout_logprobs_are_the_sampling_distribution():
         with policy.lm.disable_adapter():
             still_ref, _ = policy(ids, mask, response.shape[1])
     assert not torch.allclose(moved, logits) and torch.equal(still_ref, ref_logits)
+
+
+def test_the_models_own_chat_template_gives_prompts_and_stop_strings():
+    """chat_template: model renders with the tokenizer's template and recognises ChatML's markers
+    as stop strings (with the generic ones), as the service would cut the rollout."""
+    from r3_trainer.model import load_tokenizer
+
+    tokenizer = load_tokenizer(load_config(CONFIGS / "tiny-cpu.yaml"))
+    tokenizer.chat_template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
+                               "{{ m['content'] }}<|im_end|>\n{% endfor %}"
+                               "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    fmt = data.prompt_format("model", None, tokenizer)
+    assert fmt.render("Name a colour.") == (
+        "<|im_start|>user\nName a colour.<|im_end|>\n<|im_start|>assistant\n")
+    assert data.prompt_format("model", "Be brief.", tokenizer).render("Hi").startswith(
+        "<|im_start|>system\nBe brief.<|im_end|>")
+    assert set(TEMPLATES["chatml"].stop_strings) <= set(fmt.stops)
+    assert set(GENERIC_STOP_STRINGS) <= set(fmt.stops) and tokenizer.eos_token in fmt.stops
+    assert data.clean_rollout("Red.<|im_end|>\n<|im_start|>user\nmore", fmt.stops) == "Red."
+    tokenizer.chat_template = None
+    with pytest.raises(ValueError, match="no chat template"):
+        data.prompt_format("model", None, tokenizer)
+
+
+def test_the_packaged_smollm2_is_found_without_importing_its_package():
+    from r3_trainer.model import model_source
+
+    cfg = config_from_dict({"model_name_or_path": "packaged:smollm2"})
+    directory, extra = model_source(cfg)
+    assert (Path(directory) / extra["gguf_file"]).stat().st_size > 50_000_000
+    with pytest.raises(ConfigError, match="gguf_file: needs model_name_or_path"):
+        config_from_dict({"tiny_random_llama": {}, "gguf_file": "x.gguf"})
+
+
+def test_text_signals_count_copies_empties_and_words():
+    from accelerate import Accelerator
+
+    from r3_trainer.stats import text_signals
+
+    queries = ["What is the capital city of France?"] * 4
+    texts = ["What is the capital city of France?", "", "Paris.", "Paris is the capital city of France."]
+    got = text_signals(Accelerator(cpu=True), queries, texts, 0.5, "eval/")
+    assert got["eval/hack/copy_share"] == pytest.approx(2 / 4)  # the echo, and 5 of 8 words copied
+    assert got["eval/hack/empty_share"] == pytest.approx(1 / 4)
+    assert got["eval/response/words"] == pytest.approx((8 + 0 + 2 + 8) / 4)
+
+
+def test_hack_watch_warns_past_each_bound_and_on_length_growth():
+    from r3_trainer.config import HackBounds
+    from r3_trainer.stats import HackWatch
+
+    watch = HackWatch(HackBounds(), baseline_steps=2)
+    calm = {"hack/copy_share": 0.0, "hack/empty_share": 0.0, "hack/truncated_share": 0.1,
+            "components/repetition_penalty": 0.95, "response/words": 20.0}
+    assert watch.check(calm) == [] and watch.check({**calm, "response/words": 30.0}) == []
+    bad = watch.check({"hack/copy_share": 0.5, "hack/empty_share": 0.3, "hack/truncated_share": 0.95,
+                       "components/repetition_penalty": 0.5, "response/words": 51.0})
+    assert [w.split("=")[0] for w in bad] == ["hack/copy_share", "hack/empty_share", "hack/truncated_share",
+                                              "components/repetition_penalty", "response/words"]
+    assert "2 x 25.0" in bad[-1]  # growth against the first two steps' mean length
+    quiet = HackWatch(HackBounds(copy_share=None, length_growth=None))
+    assert quiet.check({"hack/copy_share": 1.0, "response/words": 1e6}) == []

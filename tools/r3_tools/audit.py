@@ -12,10 +12,13 @@ closed items), with each branch's distribution of true-response rewards.
 
 Scoring runs in-process through the service's engine (any backend kind: R3 presets, reward models,
 ensembles) or, with `--url`, against a running service. Every item carries its record's query type,
-so no classifier runs. A record without a `response` has its reference answer stand in for one; a
-closed item's reference then equals its response, and R3's closed branch pays S(y, y), its maximum:
-those items are scored as they are (the service would), counted in the report, and visible in the
-per-branch rates; `--closed-reference drop` scores them without their reference instead.
+so no classifier runs. A record's true and perturbed responses go in one request, so an ensemble
+standardising by running moments treats them alike.
+
+A record without a `response` has its reference answer stand in for one; a closed item's reference
+then equals its response, and R3's closed branch pays f(S(y, y)), its maximum: those items are
+scored as they are (as the service would), counted in the report, and visible in the per-branch
+rates; `--closed-reference drop` scores them without their reference instead.
 """
 
 from __future__ import annotations
@@ -81,7 +84,8 @@ class Slot:
 
 def read_audit_records(path: Path, *, closed_reference: str = "keep") -> tuple[list[Record], list[str]]:
     """Records with a query type and a response (or a reference to stand in); also the reasons for
-    the skipped ones. `closed_reference="drop"` removes a reference that equals the response."""
+    the skipped ones. `closed_reference="drop"` removes a closed item's reference that equals its
+    response."""
     records: list[Record] = []
     skipped: list[str] = []
     for line, value in iter_json_values(path.read_text(encoding="utf-8")):
@@ -99,11 +103,11 @@ def read_audit_records(path: Path, *, closed_reference: str = "keep") -> tuple[l
         except RecordError as error:
             skipped.append(str(error))
             continue
+        text = response if response is not None else parsed.reference or ""
         reference = parsed.reference
-        if closed_reference == "drop" and reference is not None and reference == (response or reference):
+        if closed_reference == "drop" and parsed.query_type == "closed" and reference == text:
             reference = None
-        records.append(Record(query, response if response is not None else parsed.reference or "",
-                              reference, parsed.query_type, response is not None))
+        records.append(Record(query, text, reference, parsed.query_type, response is not None))
     return records, skipped
 
 
@@ -234,14 +238,26 @@ def perturb(records: Sequence[Record], seed: int) -> dict[str, list[tuple[int, s
 # ------------------------------------------------------------------------------------ scoring
 
 Item = tuple[str, str, str | None, str]  # query, response, reference, query type
+Key = tuple[int, str | None]  # record index, perturbation (None: the true response)
 
 
-def items_to_score(records: Sequence[Record], perturbed: dict[str, list[tuple[int, str]]]) -> list[Item]:
-    """The true responses first, then each perturbation's, in `perturbed`'s order."""
-    items = [(r.query, r.response, r.reference, r.query_type) for r in records]
-    for pairs in perturbed.values():
-        items += [(records[i].query, text, records[i].reference, records[i].query_type) for i, text in pairs]
-    return items
+def items_to_score(records: Sequence[Record], perturbed: dict[str, list[tuple[int, str]]],
+                   size: int = CHUNK) -> list[list[tuple[Key, Item]]]:
+    """Chunks of about `size` items, each holding whole records: a record's true response and all
+    its perturbations. Scored in one request, they see the same state of a stateful backend (an
+    ensemble standardising by running moments), so the comparison is not skewed by scoring order."""
+    groups: list[list[tuple[Key, Item]]] = [[((i, None), (r.query, r.response, r.reference, r.query_type))]
+                                            for i, r in enumerate(records)]
+    for name, pairs in perturbed.items():
+        for i, text in pairs:
+            r = records[i]
+            groups[i].append(((i, name), (r.query, text, r.reference, r.query_type)))
+    chunks: list[list[tuple[Key, Item]]] = [[]]
+    for group in groups:
+        if chunks[-1] and len(chunks[-1]) + len(group) > size:
+            chunks.append([])
+        chunks[-1] += group
+    return chunks
 
 
 def _progress(done: int, total: int, started: float) -> None:
@@ -258,8 +274,11 @@ def audit_settings(config: str | None) -> Any:
     return settings.model_copy(update={"qtype_classifier": "none", "max_queue_items": 10**9})
 
 
-async def _score_in_process(settings: Any, backends: list[str], items: list[Item],
-                            chunk: int) -> tuple[dict[str, list[float]], dict[str, Any]]:
+Rewards = dict[str, dict[Key, float]]  # backend -> item -> reward
+
+
+async def _score_in_process(settings: Any, backends: list[str],
+                            chunks: list[list[tuple[Key, Item]]]) -> tuple[Rewards, dict[str, Any]]:
     from r3_service.engine.engine import RewardEngine
     from r3_service.engine.resolve import RawItem
 
@@ -267,45 +286,57 @@ async def _score_in_process(settings: Any, backends: list[str], items: list[Item
     engine.start()
     try:
         chosen = {name: engine.backend(name) for name in backends}
-        rewards: dict[str, list[float]] = {name: [] for name in backends}
-        started = time.perf_counter()
-        for number, start in enumerate(range(0, len(items), chunk), start=1):
-            raw = [RawItem(*item) for item in items[start : start + chunk]]  # type: ignore[arg-type]
+        rewards: Rewards = {name: {} for name in backends}
+        total, done, started = sum(map(len, chunks)), 0, time.perf_counter()
+        for number, chunk in enumerate(chunks, start=1):
+            raw = [RawItem(*item) for _, item in chunk]  # type: ignore[arg-type]
             # Together, so the backends' requests share batches and identical texts embed once.
             results = await asyncio.gather(*(engine.score(raw, backend) for backend in chosen.values()))
             for name, scored in zip(chosen, results, strict=True):
-                rewards[name] += [s.reward for s in scored]
-            if number % 10 == 0 or start + chunk >= len(items):
-                _progress(min(start + chunk, len(items)), len(items), started)
+                rewards[name].update(zip((key for key, _ in chunk), (s.reward for s in scored), strict=True))
+            done += len(chunk)
+            if number % 10 == 0 or number == len(chunks):
+                _progress(done, total, started)
         return rewards, {name: backend.describe() for name, backend in chosen.items()}
     finally:
         await engine.close()
 
 
-def score_in_process(settings: Any, backends: list[str], items: list[Item],
-                     chunk: int = CHUNK) -> tuple[dict[str, list[float]], dict[str, Any]]:
-    """Each backend's reward for every item (in order), and each backend's description."""
-    return asyncio.run(_score_in_process(settings, backends, items, chunk))
+def score_in_process(settings: Any, backends: list[str],
+                     chunks: list[list[tuple[Key, Item]]]) -> tuple[Rewards, dict[str, Any]]:
+    """Each backend's reward for every item, and each backend's description."""
+    return asyncio.run(_score_in_process(settings, backends, chunks))
 
 
-def score_over_http(url: str, backends: list[str], items: list[Item], chunk: int = CHUNK,
-                    api_key: str | None = None,
-                    http_client: Any = None) -> tuple[dict[str, list[float]], dict[str, Any]]:
-    """As `score_in_process`, from a running service (the client chunks and retries)."""
+def score_over_http(url: str, backends: list[str], chunks: list[list[tuple[Key, Item]]],
+                    api_key: str | None = None, http_client: Any = None) -> tuple[Rewards, dict[str, Any]]:
+    """As `score_in_process`, from a running service (the client retries); one request per chunk.
+    A running ensemble's moments there are shared with the service's other traffic."""
     from r3_client import RewardClient
 
-    with RewardClient(url, chunk_size=chunk, api_key=api_key, http_client=http_client) as client:
+    size = max(map(len, chunks))
+    with RewardClient(url, chunk_size=size, api_key=api_key, http_client=http_client) as client:
         described = client.info()["backends"]
-        payload = [{"query": q, "response": r, "reference": ref, "query_type": t} for q, r, ref, t in items]
-        return ({name: client.score(payload, backend=name) for name in backends},
-                {name: described.get(name, {}) for name in backends})
+        rewards: Rewards = {name: {} for name in backends}
+        for chunk in chunks:
+            payload = [{"query": q, "response": r, "reference": ref, "query_type": t}
+                       for _, (q, r, ref, t) in chunk]
+            for name in backends:
+                rewards[name].update(zip((key for key, _ in chunk), client.score(payload, backend=name),
+                                         strict=True))
+        return rewards, {name: described.get(name, {}) for name in backends}
 
 
 # --------------------------------------------------------------------------------- statistics
 
 
+# Rewards this close are equal: the same text embedded in two batches (other padding, other
+# kernels) differs by ~1e-7, which is no preference.
+TIE = 1e-6
+
+
 def same(a: float, b: float) -> bool:
-    return math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-12)
+    return math.isclose(a, b, rel_tol=TIE, abs_tol=TIE)
 
 
 def compare(true: Sequence[float], perturbed: Sequence[float]) -> dict[str, Any]:
@@ -348,23 +379,25 @@ def ranks(values: Sequence[float]) -> list[float]:
 
 
 def spearman(a: Sequence[float], b: Sequence[float]) -> float | None:
-    """Pearson correlation of the average ranks; None when either side is constant."""
-    ra, rb = ranks(a), ranks(b)
+    """Pearson correlation of the average ranks (of values rounded to TIE, so batch noise does not
+    order equal rewards); None when either side is constant."""
+    digits = round(-math.log10(TIE))
+    ra, rb = ranks([round(x, digits) for x in a]), ranks([round(y, digits) for y in b])
     ma, mb = statistics.fmean(ra), statistics.fmean(rb)
     cov = math.fsum((x - ma) * (y - mb) for x, y in zip(ra, rb, strict=True))
     va, vb = math.fsum((x - ma) ** 2 for x in ra), math.fsum((y - mb) ** 2 for y in rb)
     return cov / math.sqrt(va * vb) if va > 0 and vb > 0 else None
 
 
-def correlations(records: Sequence[Record], rewards: dict[str, list[float]], base: str) -> dict[str, Any]:
+def correlations(records: Sequence[Record], rewards: Rewards, base: str) -> dict[str, Any]:
     """Spearman of each backend's true-response rewards with `base`'s: on all items and per branch."""
-    n = len(records)
-    out: dict[str, Any] = {"with": base, "rho": {}}
+    true = {b: true_rewards(got, len(records)) for b, got in rewards.items()}
+    out: dict[str, Any] = {"with": base}
     for branch in ("all", *BRANCHES):
-        kept = [i for i in range(n) if branch in ("all", records[i].query_type)]
+        kept = [i for i, r in enumerate(records) if branch in ("all", r.query_type)]
         out["rho" if branch == "all" else f"rho_{branch}"] = {
-            b: spearman([v[i] for i in kept], [rewards[base][i] for i in kept]) if len(kept) > 1 else None
-            for b, v in rewards.items()}
+            b: spearman([v[i] for i in kept], [true[base][i] for i in kept]) if len(kept) > 1 else None
+            for b, v in true.items()}
     return out
 
 
@@ -403,22 +436,24 @@ def compare_branches(records: Sequence[Record], true: Sequence[float], pairs: li
 
 
 def analyse(records: Sequence[Record], perturbed: dict[str, list[tuple[int, str]]],
-            rewards: dict[str, list[float]]) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
-    """(each perturbation's counts, results, branch distributions) from the rewards of `items_to_score`."""
-    n = len(records)
+            rewards: Rewards) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """(each perturbation's counts, results, branch distributions) from the scorers' rewards."""
     counts = {name: {"n": len(pairs), **{f"n_{b}": sum(records[i].query_type == b for i, _ in pairs)
                                          for b in BRANCHES},
                      "description": " ".join((PERTURBATIONS[name].__doc__ or "").split())}
               for name, pairs in perturbed.items()}
     results: dict[str, Any] = {}
-    for backend, values in rewards.items():
-        offset, results[backend] = n, {}
-        for name, pairs in perturbed.items():
-            results[backend][name] = compare_branches(records, values[:n], pairs,
-                                                      values[offset : offset + len(pairs)])
-            offset += len(pairs)
-    branches = {backend: branch_distribution(records, values[:n]) for backend, values in rewards.items()}
+    for backend, got in rewards.items():
+        true = true_rewards(got, len(records))
+        results[backend] = {name: compare_branches(records, true, pairs, [got[(i, name)] for i, _ in pairs])
+                            for name, pairs in perturbed.items()}
+    branches = {backend: branch_distribution(records, true_rewards(got, len(records)))
+                for backend, got in rewards.items()}
     return counts, results, branches
+
+
+def true_rewards(got: dict[Key, float], n: int) -> list[float]:
+    return [got[(i, None)] for i in range(n)]
 
 
 # --------------------------------------------------------------------------------- thresholds
@@ -477,20 +512,30 @@ def _table(report: Report, branch: str, metric: str, digits: int = 3) -> list[st
     return lines
 
 
-def markdown(report: Report) -> str:
-    m = report.meta
+def _header(m: dict[str, Any]) -> list[str]:
+    stand_ins = m["records"] - m["own_responses"]
     out = [
         f"# r3-audit: {m['data']}", "",
         f"- command: `{m['command']}`",
         f"- machine: {m['machine']}",
         f"- records: {m['records']} ({m['open']} open, {m['closed']} closed; {m['skipped']} skipped), "
         f"seed {m['seed']}, runtime {m['runtime_s']:.0f} s",
-        f"- response == reference (the reference stood in as the response) on {m['response_is_reference']} "
-        f"closed items: R3's closed branch pays them S(y, y), its maximum, so their closed-branch rates "
-        f"say little (closed reference: {m['closed_reference']}); read the open branch's table.",
-        "- win rate: share of items whose true response scores strictly higher than the perturbed one; "
-        "n: items where the perturbation is defined and differs from the true response.", "",
+        f"- records with their own response: {m['own_responses']}; the other {stand_ins} have their "
+        "reference answer stand in as the response (copy-reference then has nothing to measure on them).",
     ]
+    if m["response_is_reference"]:
+        out.append(f"- response == reference on {m['response_is_reference']} closed items: R3's closed "
+                   "branch pays them f(S(y, y)), its maximum, so closed-branch win rates flatter R3 there; "
+                   "the open branch's table is the informative one (or rerun with --closed-reference drop).")
+    if m["closed_reference"] == "drop":
+        out.append("- --closed-reference drop: closed items whose reference was their response are scored "
+                   "without it (R3 then scores them by the open branch's rule).")
+    return [*out, "- win rate: share of items whose true response scores strictly higher than the perturbed "
+            "one; n: items where the perturbation is defined and differs from the true response.", ""]
+
+
+def markdown(report: Report) -> str:
+    out = _header(report.meta)
     sections = [("Win rate, all items", "all", "win_rate"), ("Win rate, open items", "open", "win_rate"),
                 ("Win rate, closed items", "closed", "win_rate"),
                 ("Tie share, all items", "all", "tie_share"),
@@ -525,6 +570,7 @@ def violation_line(v: dict[str, Any]) -> str:
 
 
 def plot(report: Report, path: Path) -> None:
+    """Win rates (all items) per perturbation and backend; each bar's pale top is its tie share."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -534,17 +580,18 @@ def plot(report: Report, path: Path) -> None:
     width = 0.8 / max(len(backends), 1)
     figure, axes = plt.subplots(figsize=(min(16.0, max(8.0, len(names) * (0.9 + 0.1 * len(backends)))), 5.5))
     for k, backend in enumerate(backends):
-        rates = [report.results[backend][n]["all"]["win_rate"] for n in names]
-        axes.bar([i + (k - (len(backends) - 1) / 2) * width for i in range(len(names))],
-                 [r if r is not None else 0.0 for r in rates], width, label=backend)
+        got = [report.results[backend][n]["all"] for n in names]
+        wins, ties = ([g[key] or 0.0 for g in got] for key in ("win_rate", "tie_share"))
+        x = [i + (k - (len(backends) - 1) / 2) * width for i in range(len(names))]
+        bars = axes.bar(x, wins, width, label=backend)
+        axes.bar(x, ties, width, bottom=wins, color=bars.patches[0].get_facecolor(), alpha=0.3)
     axes.axhline(0.5, color="grey", linewidth=0.8, linestyle="--")
     axes.set_xticks(range(len(names)), [f"{n}\n(n={report.perturbations[n]['n']})" for n in names],
                     fontsize=8)
     axes.set_ylim(0, 1.05)
-    axes.set_ylabel("win rate: true response scores higher")
-    axes.set_title(f"r3-audit: {report.meta['data']} ({report.meta['records']} records)", fontsize=10, pad=28)
-    axes.legend(fontsize=8, ncol=min(8, len(backends)), loc="lower center", bbox_to_anchor=(0.5, 1.06),
-                frameon=False)
+    axes.set_ylabel("win rate: true response scores higher\n(pale: ties)")
+    axes.set_title(f"r3-audit: {report.meta['data']} ({report.meta['records']} records)", fontsize=10)
+    axes.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0), frameon=False)
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)
@@ -593,7 +640,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--closed-reference", choices=("keep", "drop"), default="keep",
                         help="a closed item whose reference is its response: score it with (keep) or "
                              "without (drop) that reference")
-    parser.add_argument("--chunk-size", type=int, default=CHUNK)
+    parser.add_argument("--chunk-size", type=int, default=CHUNK,
+                        help="items per request, in whole records (a record's variants go together)")
     args = parser.parse_args(argv)
     if not args.data.is_file():
         parser.error(f"no such file: {args.data}")
@@ -633,13 +681,13 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 2
     perturbed = perturb(records, args.seed)
-    items = items_to_score(records, perturbed)
-    print(f"r3-audit: {len(records)} records, {len(items)} items per backend, "
+    chunks = items_to_score(records, perturbed, args.chunk_size)
+    print(f"r3-audit: {len(records)} records, {sum(map(len, chunks))} items per backend, "
           f"backends: {', '.join(backends)}", file=sys.stderr)
     if args.url:
-        rewards, described = score_over_http(args.url, backends, items, args.chunk_size, args.api_key)
+        rewards, described = score_over_http(args.url, backends, chunks, args.api_key)
     else:
-        rewards, described = score_in_process(settings, backends, items, args.chunk_size)
+        rewards, described = score_in_process(settings, backends, chunks)
     counts, results, branches = analyse(records, perturbed, rewards)
     rho = correlations(records, rewards, args.compare_with) if args.compare_with else None
     meta = {

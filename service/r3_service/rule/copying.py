@@ -2,16 +2,19 @@
 
 A relevance reward is gamed by echoing the question: S(x, x) is the largest relevance there is
 for a cosine model. These functions find the response's words that sit inside an n-gram the query
-also has (case-insensitive, R3's word tokens), so a reward can pay only for what the response
-adds (`novel_text`) and a trainer can watch the share of copying (`copy_overlap`).
+also has (case-insensitive, R3's word tokens), so a reward can take the copied share away (the
+`r3-novel` preset) and a trainer or an operator can watch the share of copying (`copy_overlap`).
 
 A query shorter than n words is matched with n = its own length: a two-word question echoed back
-is still a copy.
+is still a copy. An n-gram that the reference answer also takes from the query (an edited
+sentence, an extracted name) is what a good answer does, so it can be exempted (`exempt`).
 """
 
 from __future__ import annotations
 
-from r3_service.rule.features import WORDPUNCT, word_tokens
+from collections.abc import Iterable, Sequence
+
+from r3_service.rule.features import word_tokens
 
 COPY_NGRAM = 4  # a restated phrase of the question ("the capital of France") is not a copy
 
@@ -20,38 +23,53 @@ def _ngrams(tokens: list[str], n: int) -> set[tuple[str, ...]]:
     return {tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1)}
 
 
-def copied_mask(query_tokens: list[str], response_tokens: list[str], n: int = COPY_NGRAM) -> list[bool]:
-    """For each response token: does it lie inside an n-gram that the query also contains?"""
+def _lower(tokens: Sequence[str]) -> list[str]:
+    return [t.lower() for t in tokens]
+
+
+def _query_ngrams(query_tokens: list[str], n: int,
+                  exempt_tokens: Sequence[str] = ()) -> tuple[int, set[tuple[str, ...]]]:
+    """(the n used, the query's lowercased n-grams of that size less those of `exempt_tokens`)."""
     size = min(n, len(query_tokens))
-    if size == 0 or len(response_tokens) < size:
-        return [False] * len(response_tokens)
-    query = _ngrams([t.lower() for t in query_tokens], size)
-    lowered = [t.lower() for t in response_tokens]
+    if not size:
+        return 0, set()
+    return size, _ngrams(_lower(query_tokens), size) - _ngrams(_lower(exempt_tokens), size)
+
+
+def _mask(query: tuple[int, set[tuple[str, ...]]], response_tokens: list[str]) -> list[bool]:
+    size, grams = query
     mask = [False] * len(response_tokens)
+    if size == 0 or len(response_tokens) < size:
+        return mask
+    lowered = _lower(response_tokens)
     for start in range(len(lowered) - size + 1):
-        if tuple(lowered[start:start + size]) in query:
+        if tuple(lowered[start:start + size]) in grams:
             mask[start:start + size] = [True] * size
     return mask
 
 
-def copy_overlap(query: str, response: str, n: int = COPY_NGRAM) -> float:
-    """Share of the response's word tokens copied from the query in n-grams; 0.0 when empty."""
-    mask = copied_mask(word_tokens(query), word_tokens(response), n)
-    return sum(mask) / len(mask) if mask else 0.0
+def copied_mask(query_tokens: list[str], response_tokens: list[str], n: int = COPY_NGRAM) -> list[bool]:
+    """For each response token: does it lie inside an n-gram that the query also contains?"""
+    return _mask(_query_ngrams(query_tokens, n), response_tokens)
 
 
-def novel_text(query: str, response: str, n: int = COPY_NGRAM) -> str:
-    """The response with every run of copied words cut out; unchanged (the very same string) when
-    nothing is copied, so an ordinary response embeds exactly as it did."""
-    matches = list(WORDPUNCT.finditer(response))
-    mask = copied_mask(word_tokens(query), [m.group() for m in matches], n)
-    if not any(mask):
-        return response
-    kept: list[str] = []
-    start = 0  # start of the text not yet cut
-    for match, copied in zip(matches, mask, strict=True):
-        if copied:
-            kept.append(response[start:match.start()])
-            start = match.end()
-    kept.append(response[start:])
-    return " ".join(" ".join(kept).split())
+def copy_overlaps(pairs: Iterable[tuple[str, str]], n: int = COPY_NGRAM) -> list[float]:
+    """`copy_overlap` of each (query, response); each distinct query's n-grams are built once
+    (a group of responses shares its query), so it is cheap enough to run on every request."""
+    queries: dict[str, tuple[int, set[tuple[str, ...]]]] = {}
+    overlaps = []
+    for query, response in pairs:
+        if query not in queries:
+            queries[query] = _query_ngrams(word_tokens(query), n)
+        mask = _mask(queries[query], word_tokens(response))
+        overlaps.append(sum(mask) / len(mask) if mask else 0.0)
+    return overlaps
+
+
+def copy_overlap(query: str, response: str, n: int = COPY_NGRAM, exempt: str | None = None) -> float:
+    """Share of the response's word tokens copied from the query in n-grams (those `exempt` also
+    has do not count); 0.0 when empty."""
+    if exempt:
+        mask = _mask(_query_ngrams(word_tokens(query), n, word_tokens(exempt)), word_tokens(response))
+        return sum(mask) / len(mask) if mask else 0.0
+    return copy_overlaps([(query, response)], n)[0]

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 GENERIC_STOP_STRINGS: tuple[str, ...] = ("\n\n\n\n", "\n\n--", "\n\n____")
 
 # NLTK `wordpunct_tokenize` semantics: runs of word characters, or runs of other non-space chars.
-WORDPUNCT = re.compile(r"\w+|[^\w\s]+")
+_WORDPUNCT = re.compile(r"\w+|[^\w\s]+")
 
 
 def clean_response(text: str, stop_strings: Iterable[str] = GENERIC_STOP_STRINGS) -> str:
@@ -26,7 +26,7 @@ def clean_response(text: str, stop_strings: Iterable[str] = GENERIC_STOP_STRINGS
 
 
 def word_tokens(text: str) -> list[str]:
-    return WORDPUNCT.findall(text)
+    return _WORDPUNCT.findall(text)
 
 
 def length_incentive(tokens: list[str]) -> float:

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal, Protocol, TypeVar
 
-from r3_service.rule.copying import novel_text
+from r3_service.rule.copying import copy_overlap
 from r3_service.rule.features import Features, features, linear_map, lppo
 from r3_service.rule.querytypes import QueryType
 
@@ -94,8 +94,11 @@ def _r3(item: ResolvedItem, f: Features, s: float | None, p: RuleParams) -> floa
 
 
 def _r3_novel(item: ResolvedItem, f: Features, s: float | None, p: RuleParams) -> float:
-    """R3 on the response's own words; nothing of its own (an echo of the question) earns 0."""
-    return _r3(item, f, s, p) if f.token_count else 0.0
+    """R3 less the share of it the response copied from the query (its words inside a 4-gram of
+    the query that the reference answer, when there is one, does not also copy): an echo of the
+    question earns nothing, and copying never raises a reward (a negative one grows by it)."""
+    reward = _r3(item, f, s, p)
+    return reward - abs(reward) * copy_overlap(item.query, item.response, exempt=item.reference)
 
 
 def _open_rule(item: ResolvedItem, f: Features, s: float | None, p: RuleParams) -> float:
@@ -115,11 +118,6 @@ def _unchanged(item: ResolvedItem) -> ResolvedItem:
 def _with_random_type(item: ResolvedItem) -> ResolvedItem:
     return ResolvedItem(item.query, item.response, item.reference, random_query_type(item.query),
                         "random", item.reference_source)
-
-
-def _without_copied(item: ResolvedItem) -> ResolvedItem:
-    return ResolvedItem(item.query, novel_text(item.query, item.response), item.reference, item.query_type,
-                        item.query_type_source, item.reference_source)
 
 
 @dataclass(frozen=True)
@@ -150,9 +148,9 @@ PRESETS: dict[str, Preset] = {
     for preset in (
         Preset("r3", "LI·S(x,y)·RP on open queries; f(S(ref,y))·RP on closed ones with a reference",
                _r3, _branch_target, uses_query_type=True),
-        Preset("r3-novel", "R3 on what the response adds: runs of 4+ words copied from the query are "
-               "cut before S, LI and RP (closes the copy-the-question hole; beyond the paper)",
-               _r3_novel, _branch_target, uses_query_type=True, prepare=_without_copied),
+        Preset("r3-novel", "R3 x (1 - share of the response's words copied from the query in 4-grams "
+               "the reference does not share): closes the copy-the-question hole (beyond the paper)",
+               _r3_novel, _branch_target, uses_query_type=True),
         Preset("r3-no-branch", "LI·S(x,y)·RP always (R3 without reference-answer relevance)",
                _open_rule, _always_query),
         Preset("li-rp", "LI·RP (no relevance)",
