@@ -244,7 +244,8 @@ def test_report_counts_branches_and_correlations(presets: tuple[Path, dict]) -> 
     _, report = presets
     meta = report["meta"]
     assert meta["open"] + meta["closed"] == meta["records"] == 40
-    assert meta["response_is_reference"] == meta["closed"]  # no response field: the reference stands in
+    # No response field: the reference stands in everywhere.
+    assert meta["response_is_reference"] == 40 and meta["response_is_reference_closed"] == meta["closed"]
     assert report["perturbations"]["copy-reference"]["n"] == 0
     for backend in report["results"]:
         dist = report["branches"][backend]
@@ -324,3 +325,12 @@ def test_over_http_the_service_gives_the_in_process_rewards() -> None:
     for backend in ("li", "lppo"):
         assert list(remote[backend]) == list(local[backend])
         assert list(remote[backend].values()) == pytest.approx(list(local[backend].values()))
+
+
+@pytest.mark.slow  # MiniLM on 300 records x 10 perturbations, ~30 s on 2 cores
+def test_the_shipped_floors_guard_r3_novel_on_fresh_scores(tmp_path: Path) -> None:
+    """CI's guard of the preset that closes the copy hole: scored now, not read from a file."""
+    code, report = run(tmp_path, "--limit", "300", "--backend", "r3-novel",
+                       "--thresholds", str(ROOT / "configs" / "audit-thresholds.yaml"))
+    assert code == 0 and report["violations"] == []
+    assert report["results"]["r3-novel"]["copy-query"]["all"]["win_rate"] >= 0.95

@@ -524,9 +524,11 @@ def _header(m: dict[str, Any]) -> list[str]:
         "reference answer stand in as the response (copy-reference then has nothing to measure on them).",
     ]
     if m["response_is_reference"]:
-        out.append(f"- response == reference on {m['response_is_reference']} closed items: R3's closed "
-                   "branch pays them f(S(y, y)), its maximum, so closed-branch win rates flatter R3 there; "
-                   "the open branch's table is the informative one (or rerun with --closed-reference drop).")
+        out.append(f"- response == reference on {m['response_is_reference']} items "
+                   f"({m.get('response_is_reference_closed', '?')} closed): R3's closed branch pays those "
+                   "f(S(y, y)), its maximum, so closed-branch win rates flatter R3 (the open branch's table "
+                   "is the informative one, or rerun with --closed-reference drop); a backend that exempts "
+                   "what the reference copies from the query (r3-novel) exempts all of their copying.")
     if m["closed_reference"] == "drop":
         out.append("- --closed-reference drop: closed items whose reference was their response are scored "
                    "without it (R3 then scores them by the open branch's rule).")
@@ -695,7 +697,9 @@ def main(argv: list[str] | None = None) -> int:
         "machine": f"remote service at {args.url}" if args.url else machine(settings.device),
         "records": len(records), "skipped": len(skipped), "skipped_reasons": skipped[:20],
         **{b: sum(r.query_type == b for r in records) for b in BRANCHES},
-        "response_is_reference": sum(r.query_type == "closed" and r.reference == r.response for r in records),
+        "response_is_reference": sum(r.reference == r.response for r in records),
+        "response_is_reference_closed": sum(r.query_type == "closed" and r.reference == r.response
+                                            for r in records),
         "own_responses": sum(r.own_response for r in records), "closed_reference": args.closed_reference,
         "seed": args.seed, "limit": args.limit, "backends": described,
         "reward_ratio": "mean perturbed reward / mean true reward over the same items (ratio of means)",
