@@ -15,6 +15,7 @@ from r3_service.models.base import resolve_model_path
 from r3_service.settings import DEFAULT_MODEL
 
 OUT_HI = 512 / 100
+IN_LO, IN_HI = 0.311, 3.622  # the packaged model's closed-branch range (README, r3-calibrate)
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +34,7 @@ def oracle_r3(encoder, query: str, response: str, reference: str | None, query_t
     other = reference if closed else query
     e_other, e_response = encoder.encode([other, response.strip()], normalize_embeddings=False)
     s = float(np.dot(e_other, e_response))
-    reward = (s - 0.0) / (1.0 - 0.0) * OUT_HI * rp if closed else li * s * rp
+    reward = (s - IN_LO) / (IN_HI - IN_LO) * OUT_HI * rp if closed else li * s * rp
     return {"reward": reward, "li": li, "rp": rp, "s": s}
 
 

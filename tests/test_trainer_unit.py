@@ -303,6 +303,7 @@ def service_modules_imported_by(*modules: str) -> list[str]:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow  # a fresh interpreter imports torch, transformers and peft: ~8 s
 def test_the_trainer_imports_only_the_rule_of_the_service():
     modules = [f"r3_trainer.{m.name}" for m in pkgutil.iter_modules(r3_trainer.__path__)]
     assert {"r3_trainer.trainer", "r3_trainer.rollout", "r3_trainer.data", "r3_trainer.ppo"} <= set(modules)
