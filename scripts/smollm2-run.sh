@@ -30,3 +30,5 @@ cp "$run/log.jsonl" "$run/log.png" "$out/"
 last="$(ls -d "$run"/checkpoint-* | sort | tail -1)"
 python -m r3_trainer.report --config "$config" "${set[@]}" --checkpoint "$last" --out "$out" \
     --also r3-novel --also li-rp
+# How the base model's own answers can be gamed, under every preset (bench/results/audit/).
+r3-audit "$out/base-responses.jsonl" --out bench/results/audit --name smollm2-responses --compare-with r3

@@ -135,7 +135,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m r3_trainer.report", description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", required=True)
     parser.add_argument("--checkpoint", required=True, help="a checkpoint directory of this config's run")
-    parser.add_argument("--out", required=True, type=Path, help="writes report.md and report.json here")
+    parser.add_argument("--out", required=True, type=Path,
+                        help="writes report.md, report.json and base-responses.jsonl here")
     parser.add_argument("--also", action="append", default=[], help="another backend to score with")
     parser.add_argument("--show", type=int, default=5, help="responses shown side by side")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
@@ -160,6 +161,11 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "report.md").write_text(markdown)
     (args.out / "report.json").write_text(json.dumps(data, indent=1))
+    # The base model's answers as an r3-audit data set: real responses with distinct references.
+    with (args.out / "base-responses.jsonl").open("w") as f:
+        for record, text in zip(records, before.texts, strict=True):
+            f.write(json.dumps({"query": record.query, "response": text, "reference": record.reference,
+                                "query_type": record.query_type}) + "\n")
     print(markdown)
     return 0
 
