@@ -24,7 +24,7 @@ import torch
 from accelerate import Accelerator
 
 from r3_client import RewardClient, RewardItem, ScoredBatch
-from r3_service.rule.copying import copy_overlap
+from r3_service.rule.copying import copy_overlaps
 from r3_service.rule.features import word_tokens
 from r3_trainer.checkpoint import load_weights
 from r3_trainer.config import TrainConfig, load_config
@@ -59,7 +59,7 @@ def sample(maker: RolloutMaker, records: list[Record], seed: int, batch: int) ->
 def side_figures(side: Side, records: list[Record], backend: str, copy_threshold: float) -> dict[str, float]:
     batch = side.scored[backend]
     parts = batch.components
-    overlaps = [copy_overlap(r.query, t) for r, t in zip(records, side.texts, strict=True)]
+    overlaps = copy_overlaps((r.query, t) for r, t in zip(records, side.texts, strict=True))
     relevance = [c.relevance for c in parts if c.relevance is not None]
 
     def mean(values: list[float]) -> float:

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 
-from r3_service.rule.copying import copy_overlap
+from r3_service.rule.copying import copy_overlaps
 from r3_service.rule.features import word_tokens
 from r3_trainer.config import HackBounds
 from r3_trainer.rewards import ScoredRewards
@@ -58,7 +58,7 @@ def text_signals(accelerator: Accelerator, queries: list[str], texts: list[str],
                  prefix: str) -> dict[str, float]:
     """The hack signals read off the texts, over all processes: share of responses copying the
     query (4-gram overlap past `copy_threshold`), share of empty ones, mean length in words."""
-    overlaps = [copy_overlap(q, t) for q, t in zip(queries, texts, strict=True)]
+    overlaps = copy_overlaps(zip(queries, texts, strict=True))
     local = torch.tensor([
         sum(o >= copy_threshold for o in overlaps), sum(overlaps), sum(not t for t in texts),
         sum(len(word_tokens(t)) for t in texts), len(texts),

@@ -48,6 +48,10 @@ def _mask(query: tuple[int, set[tuple[str, ...]]], response_tokens: list[str]) -
     return mask
 
 
+def _share(mask: list[bool]) -> float:
+    return sum(mask) / len(mask) if mask else 0.0
+
+
 def copied_mask(query_tokens: list[str], response_tokens: list[str], n: int = COPY_NGRAM) -> list[bool]:
     """For each response token: does it lie inside an n-gram that the query also contains?"""
     return _mask(_query_ngrams(query_tokens, n), response_tokens)
@@ -61,15 +65,12 @@ def copy_overlaps(pairs: Iterable[tuple[str, str]], n: int = COPY_NGRAM) -> list
     for query, response in pairs:
         if query not in queries:
             queries[query] = _query_ngrams(word_tokens(query), n)
-        mask = _mask(queries[query], word_tokens(response))
-        overlaps.append(sum(mask) / len(mask) if mask else 0.0)
+        overlaps.append(_share(_mask(queries[query], word_tokens(response))))
     return overlaps
 
 
 def copy_overlap(query: str, response: str, n: int = COPY_NGRAM, exempt: str | None = None) -> float:
     """Share of the response's word tokens copied from the query in n-grams (those `exempt` also
     has do not count); 0.0 when empty."""
-    if exempt:
-        mask = _mask(_query_ngrams(word_tokens(query), n, word_tokens(exempt)), word_tokens(response))
-        return sum(mask) / len(mask) if mask else 0.0
-    return copy_overlaps([(query, response)], n)[0]
+    exempt_tokens = word_tokens(exempt) if exempt else []
+    return _share(_mask(_query_ngrams(word_tokens(query), n, exempt_tokens), word_tokens(response)))
