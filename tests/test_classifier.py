@@ -131,6 +131,18 @@ async def test_learned_uses_the_injected_embed_function_once_per_batch(embedding
     assert await learned.classify([]) == [] and len(calls) == 1
 
 
+async def test_learned_labels_carry_the_probability_their_type_follows(embedding_model) -> None:
+    queries = ["Write a poem about the sea.", "What is 2 + 2?", "Summarize the plot of Hamlet."]
+    learned = LearnedClassifier(model_embedder(embedding_model), DEFAULT_MODEL)
+    labels = await learned.label(queries)
+    expected = learned.head.open_probabilities(queries, embedding_model.embed(queries)).tolist()
+    assert [label.open_probability for label in labels] == pytest.approx(expected, abs=1e-6)
+    assert [label.query_type for label in labels] == ["open" if p > 0.5 else "closed" for p in expected]
+    assert all(0 < p < 1 for p in expected) and {label.classified_by for label in labels} == {learned.id}
+    # The rules classifier answers without one.
+    assert (await RulesClassifier().label(queries[:1]))[0].open_probability is None
+
+
 # --- llm ----------------------------------------------------------------------------------------
 
 Reply = tuple[int, str, float]  # status, answer text (or raw body for errors), delay in seconds
@@ -310,7 +322,8 @@ async def test_llm_factory_falls_back_to_the_learned_head(chat_server: ChatServe
                                   llm_url=chat_server.url, llm_model="judge-7b", llm_api_key="k")
     labels = await classifier.label(["Write a poem about rain."])
     await classifier.aclose()
-    assert labels == [Label("open", f"learned@{LinearHead.load().version}")]
+    assert labels[0][:2] == ("open", f"learned@{LinearHead.load().version}")
+    assert labels[0].open_probability is not None and labels[0].open_probability > 0.5  # the fallback's
     with pytest.raises(ValueError, match="endpoint URL"):
         build_classifier("llm", embed=model_embedder(embedding_model), model_name=DEFAULT_MODEL)
 
@@ -450,9 +463,10 @@ async def test_service_classifies_unknown_queries_and_writes_them_back(
 
     items = [{"query": poem, "response": "Waves."}, {"query": sums, "response": "42."}]
     assert reward_sources(server_url, items) == [(t, "classifier") for t in expected]
-    for query, query_type in zip((poem, sums), expected, strict=True):
-        assert client.hgetall(query_key(query)) == {"query": query, "query_type": query_type,
-                                                    "classified_by": current}
+    for query, label in zip((poem, sums), await learned.label([poem, sums]), strict=True):
+        stored = client.hgetall(query_key(query))
+        assert float(stored.pop("open_probability")) == pytest.approx(label.open_probability, abs=1e-5)
+        assert stored == {"query": query, "query_type": label.query_type, "classified_by": current}
 
     # A stale version's answer is replaced; a dataset's label (no classifier id) is never touched.
     stale, labelled = f"Name three primary colours ({tag}).", f"Describe your ideal weekend ({tag})."
@@ -463,8 +477,9 @@ async def test_service_classifies_unknown_queries_and_writes_them_back(
     got = reward_sources(server_url, [{"query": stale, "response": "Red, yellow, blue."},
                                       {"query": labelled, "response": "Hiking."}])
     assert got == [(fresh, "classifier"), ("closed", "cache")]
-    assert client.hgetall(query_key(stale)) == {"query": stale, "query_type": fresh, "reference": "Red.",
-                                                "classified_by": current}
+    stored = client.hgetall(query_key(stale))
+    assert 0 <= float(stored.pop("open_probability")) <= 1
+    assert stored == {"query": stale, "query_type": fresh, "reference": "Red.", "classified_by": current}
     assert "classified_by" not in client.hgetall(query_key(labelled))
 
 

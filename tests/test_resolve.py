@@ -43,6 +43,7 @@ class FakeClassifier:
     version: str = "2"
     fails: bool = False
     fallback: FakeClassifier | None = None
+    sureness: float | None = None  # when set, each answer's probability: p(open) = this or 1 - this
     calls: list[list[str]] = field(default_factory=list)
 
     @property
@@ -53,7 +54,13 @@ class FakeClassifier:
         self.calls.append(list(queries))
         if self.fails:
             raise RuntimeError("the classifier is down")
-        return [Label("closed" if "?" in query else "open", self.id) for query in queries]
+        return [self._label(query) for query in queries]
+
+    def _label(self, query: str) -> Label:
+        closed = "?" in query
+        if self.sureness is None:
+            return Label("closed" if closed else "open", self.id)
+        return Label("closed" if closed else "open", self.id, 1 - self.sureness if closed else self.sureness)
 
 
 def resolver(store: FakeStore, classifier: FakeClassifier | None = None, *,
@@ -130,6 +137,20 @@ async def test_a_stale_classifier_answer_is_classified_again_keeping_the_stored_
     assert sources(got) == [("closed", "classifier", "Red.", "cache"), ("closed", "classifier", None, None)]
     assert classifier.calls == [[stale]]  # the fallback's answer is a current one
     assert store.puts == [[(text_key(stale), stale, QueryRecord("closed", "Red.", "fake@2"))]]
+
+
+async def test_the_classifiers_probability_is_written_back_and_kept_only_with_its_type() -> None:
+    labelled, stored = "Name a primary colour", "Write a poem"
+    store = FakeStore({text_key(labelled): QueryRecord("closed", "Red."),  # a data set's label
+                       text_key(stored): QueryRecord("open", None, "fake@2", 0.75)})
+    classifier = FakeClassifier(sureness=0.9)
+    got = await resolver(store, classifier).resolve([
+        RawItem("What is 2+2?", "4."), RawItem(stored, "Roses."), RawItem(labelled, "Blue."),
+        RawItem(stored, "Roses.", query_type="closed")])
+    assert [(r.query_type_source, r.open_probability) for r in got] == [
+        ("classifier", pytest.approx(0.1)), ("classifier", 0.75), ("cache", None), ("request", None)]
+    assert store.puts == [[(text_key("What is 2+2?"), "What is 2+2?",
+                            QueryRecord("closed", None, "fake@2", pytest.approx(0.1)))]]
 
 
 async def test_without_a_classifier_or_without_classifying_the_default_type_is_used() -> None:

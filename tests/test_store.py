@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import httpx
@@ -17,6 +18,7 @@ import redis
 from conftest import DATA, ROOT, RedisServer, ServiceProcess, free_port, start_service, wait_until
 from r3_service.rule.datasets import QueryRecord, read_records
 from r3_service.store.records import query_key
+from r3_service.store.stores import MemoryStore, QueryStore
 
 
 def run_loader(*args: str) -> subprocess.CompletedProcess[str]:
@@ -67,6 +69,55 @@ def test_json_array_errors_name_the_line_of_the_element(tmp_path: Path) -> None:
     records, errors = read_records(path)
     assert [q for q, _ in records] == ["fine"]
     assert errors[0].startswith("line 3:") and errors[1].startswith("line 4:")
+
+
+def test_a_classifiers_probability_is_read_with_its_id_only(tmp_path: Path) -> None:
+    path = tmp_path / "typed.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in [
+        {"query": "a", "query_type": "open", "classified_by": "learned@1", "open_probability": 0.8},
+        {"query": "b", "query_type": "open", "open_probability": 0.8},  # a label: no probability
+        {"query": "c", "query_type": "open", "classified_by": "learned@1", "open_probability": 1.5},
+        {"query": "d", "query_type": "open", "classified_by": "learned@1", "open_probability": "high"},
+    ]) + "\n")
+    records, errors = read_records(path)
+    assert records == [("a", QueryRecord("open", None, "learned@1", 0.8)), ("b", QueryRecord("open"))]
+    assert [e.split(":")[0] for e in errors] == ["line 3", "line 4"]
+    assert all("open_probability must be a number in [0, 1]" in e for e in errors)
+
+
+async def test_open_probability_round_trips_through_the_in_process_store() -> None:
+    store = QueryStore(MemoryStore(16))
+    record = QueryRecord("open", "Ref.", "learned@abc", 0.1 + 0.2)
+    await store.put_many([("r3:q:k", "q", record)])
+    assert await store.get_many(["r3:q:k"]) == [record]
+
+
+async def test_open_probability_round_trips_through_redis(redis_server: RedisServer) -> None:
+    client = redis.Redis.from_url(redis_server.url, decode_responses=True)
+    tag = uuid.uuid4().hex[:8]  # the session's Redis is shared with other tests
+    queries = [f"Probability round trip {i} ({tag})." for i in range(5)]
+    keys = [query_key(q) for q in queries]
+    first = QueryRecord("closed", "Ref.", "learned@abc", 0.1 + 0.2)  # p(open) 0.30000000000000004
+    second = QueryRecord("open", None, "x@1", 0.75)
+    writer = QueryStore(MemoryStore(16), redis_server.url, timeout_s=1.0)
+    reader = QueryStore(MemoryStore(16), redis_server.url, timeout_s=1.0)  # its own empty memory
+    try:
+        await writer.put_many([(keys[0], queries[0], first), (keys[1], queries[1], second)])
+        assert client.hget(keys[0], "open_probability") == repr(0.1 + 0.2)  # exact, not rounded
+        # Records written before the field existed, a foreign value, a data set's label.
+        client.hset(keys[2], mapping={"query": queries[2], "query_type": "open", "classified_by": "old@1"})
+        client.hset(keys[3], mapping={"query": queries[3], "query_type": "open", "classified_by": "old@1",
+                                      "open_probability": "very"})
+        client.hset(keys[4], mapping={"query": queries[4], "query_type": "closed", "open_probability": "0.2"})
+        assert await reader.get_many(keys) == [first, second, QueryRecord("open", None, "old@1"),
+                                               QueryRecord("open", None, "old@1"), QueryRecord("closed")]
+        # A hard answer (rules, llm) over a probabilistic one does not inherit its probability.
+        await writer.put_many([(keys[0], queries[0], QueryRecord("open", "Ref.", "llm@2"))])
+        assert "open_probability" not in client.hgetall(keys[0])
+        assert await reader.get_many(keys[:1]) == [QueryRecord("open", "Ref.", "llm@2")]
+    finally:
+        await writer.close()
+        await reader.close()
 
 
 def test_loader_loads_alpacafarm_as_is(redis_server: RedisServer) -> None:

@@ -7,11 +7,20 @@ variables override the file.
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import (
     BaseSettings,
     NoDecode,
@@ -42,6 +51,30 @@ def _check_range(value: tuple[float, float]) -> tuple[float, float]:
 
 RelevanceRange = Annotated[tuple[float, float], AfterValidator(_check_range)]
 
+SOFT_BRANCH_FORM = "soft_branch must be two numbers lo,hi (or [lo, hi]) with 0 <= lo < hi <= 1"
+
+
+def _split_band(value: object) -> object:
+    """`lo,hi` as an environment variable writes it, or JSON `[lo, hi]`, or a list (YAML)."""
+    if isinstance(value, str):
+        text = value.strip()
+        try:
+            value = json.loads(text) if text.startswith("[") else text.split(",")
+        except json.JSONDecodeError:
+            raise ValueError(f"{SOFT_BRANCH_FORM}, got {text!r}") from None
+    if isinstance(value, list | tuple) and len(value) != 2:
+        raise ValueError(f"{SOFT_BRANCH_FORM}, got {list(value)}")
+    return value
+
+
+def _check_band(value: tuple[float, float]) -> tuple[float, float]:
+    if not 0.0 <= value[0] < value[1] <= 1.0:
+        raise ValueError(f"{SOFT_BRANCH_FORM}, got {list(value)}")
+    return value
+
+
+SoftBand = Annotated[tuple[float, float], BeforeValidator(_split_band), AfterValidator(_check_band)]
+
 
 class _Spec(BaseModel):
     model_config = ConfigDict(extra="forbid")  # a misspelt key is an error, not a silent default
@@ -58,6 +91,8 @@ class R3BackendSpec(_Spec):
     relevance_in_range: RelevanceRange | None = None
     max_rollout_tokens: int | None = Field(None, gt=0)
     lppo_target_length: int | None = Field(None, gt=0)
+    soft_branch: SoftBand | None = Field(None, description="Band of p(open) whose rewards blend both "
+                                                           "branches; default: the top-level `soft_branch`.")
 
     @field_validator("preset")
     @classmethod
@@ -65,6 +100,14 @@ class R3BackendSpec(_Spec):
         if value not in PRESETS:
             raise ValueError(f"unknown preset {value!r}; valid: {', '.join(PRESETS)}")
         return value
+
+    @model_validator(mode="after")
+    def _soft_branch(self) -> R3BackendSpec:
+        if self.soft_branch is not None and not PRESETS[self.preset].uses_query_type:
+            branching = ", ".join(name for name, preset in PRESETS.items() if preset.uses_query_type)
+            raise ValueError(f"soft_branch: preset {self.preset!r} has no query-type branches to blend; "
+                             f"only {branching} have")
+        return self
 
 
 class RewardModelSpec(_Spec):
@@ -126,6 +169,10 @@ class Settings(BaseSettings):
     )
     max_rollout_tokens: int = Field(512, gt=0, description="Output range of f is [0, this / 100].")
     lppo_target_length: int = Field(100, gt=0, description="Target length T of the lppo preset.")
+    soft_branch: Annotated[SoftBand | None, NoDecode] = Field(
+        None, description="`lo,hi`: a query the classifier typed with lo <= p(open) <= hi (and that "
+                          "has a reference) is paid p·R_open + (1-p)·R_closed by r3 and r3-novel "
+                          "(beyond the paper); unset = the hard branch always.")
     stop_strings: bool = Field(True, description="Cut responses at stop strings before scoring.")
     chat_template: str | None = Field(None, description="Template whose role prefixes /reward stops at.")
     default_query_type: QueryType = Field("open", description="When request, store and classifier "
@@ -189,6 +236,11 @@ class Settings(BaseSettings):
     @classmethod
     def _query_type(cls, value: object) -> QueryType:
         return parse_query_type(str(value))
+
+    @field_validator("soft_branch", mode="before")
+    @classmethod
+    def _no_band(cls, value: object) -> object:
+        return None if value in ("", "none") else value
 
     @field_validator("chat_template", mode="before")
     @classmethod

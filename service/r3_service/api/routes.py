@@ -106,6 +106,8 @@ def components(scored: Scored) -> Components:
         query_type_source=scored.query_type_source,  # type: ignore[arg-type]
         reference_source=scored.reference_source,  # type: ignore[arg-type]
         members=scored.members,
+        query_type_confidence=scored.query_type_confidence,
+        open_branch_weight=scored.open_branch_weight,
     )
 
 

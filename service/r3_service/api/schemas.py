@@ -73,6 +73,14 @@ class Components(BaseModel):
     reference_source: Literal["request", "cache"] | None
     members: dict[str, float] | None = Field(
         None, description="An ensemble's member rewards, each after its standardisation.")
+    query_type_confidence: float | None = Field(
+        description="The classifier's probability of `query_type` (p(open), or 1 - p(open) for closed); "
+                    "null when the type came from the request, a data set's label in the store, the "
+                    "default, or a classifier answer without one (rules; the llm endpoint's own answers).")
+    open_branch_weight: float | None = Field(
+        description="Soft branch (R3_SOFT_BRANCH): p(open) when the reward is p·R_open + (1-p)·R_closed; "
+                    "`relevance` and `relevance_target` still describe the branch of `query_type` (for "
+                    "an ensemble: of its R3 member). null: the reward is that branch's alone.")
 
 
 class RewardResponse(BaseModel):

@@ -57,26 +57,31 @@ class R3Backend:
     async def score(self, items: list[ResolvedItem]) -> list[Scored]:
         prepared = [self.preset.prepare(item) for item in items]
         relevance = await self._relevance(prepared)
-        return [score(self.preset, item, s, self.params) for item, s in zip(prepared, relevance, strict=True)]
+        return [score(self.preset, item, s, self.params, s_other)
+                for item, (s, s_other) in zip(prepared, relevance, strict=True)]
 
-    async def _relevance(self, items: list[ResolvedItem]) -> list[float | None]:
-        """S for every item that needs one; each distinct text is embedded once, and queries and
-        references (which recur across a group and across steps) may come from the cache."""
-        pairs = [self.preset.relevance_pair(item) for item in items]
+    async def _relevance(self, items: list[ResolvedItem]) -> list[tuple[float | None, float | None]]:
+        """(S of the item's branch, S of the other branch when its reward blends both) for every
+        item; each distinct text is embedded once, and queries and references (which recur across
+        a group and across steps) may come from the cache."""
+        pairs = [(self.preset.relevance_pair(item), self.preset.other_pair(item, self.params))
+                 for item in items]
         cacheable: dict[str, bool] = {}  # each distinct text, in first-seen order
-        for pair, item in zip(pairs, items, strict=True):
-            if pair is not None:
-                cacheable[pair[1]] = True
-                cacheable.setdefault(item.response, False)
+        for both, item in zip(pairs, items, strict=True):
+            for pair in both:
+                if pair is not None:
+                    cacheable[pair[1]] = True
+                    cacheable.setdefault(item.response, False)
         if not cacheable:
-            return [None] * len(items)
+            return [(None, None)] * len(items)
         embeddings = await self.embed(list(cacheable), list(cacheable.values()))
         texts = {text: index for index, text in enumerate(cacheable)}
-        wanted = [(texts[p[1]], texts[item.response]) for p, item in zip(pairs, items, strict=True)
-                  if p is not None]
+        wanted = [(texts[pair[1]], texts[item.response]) for both, item in zip(pairs, items, strict=True)
+                  for pair in both if pair is not None]
         left, right = (torch.tensor(side) for side in zip(*wanted, strict=True))
         dots = iter(relevance(embeddings[left], embeddings[right]).tolist())
-        return [next(dots) if pair is not None else None for pair in pairs]
+        return [(next(dots) if pair is not None else None, next(dots) if other is not None else None)
+                for pair, other in pairs]
 
     def describe(self) -> dict[str, object]:
         return {
@@ -85,6 +90,7 @@ class R3Backend:
             "relevance_in_range": list(self.params.relevance_in_range),
             "relevance_out_range": list(self.params.relevance_out_range),
             "lppo_target_length": self.params.lppo_target_length,
+            "soft_branch": list(self.params.soft_branch) if self.params.soft_branch else None,
         }
 
 
@@ -199,6 +205,8 @@ def r3_backend(name: str, spec: R3BackendSpec, settings: Settings,
         relevance_in_range=in_range,
         relevance_out_range=(0.0, (spec.max_rollout_tokens or settings.max_rollout_tokens) / 100.0),
         lppo_target_length=spec.lppo_target_length or settings.lppo_target_length,
+        # Only a preset that branches on the query type has branches to blend.
+        soft_branch=(spec.soft_branch or settings.soft_branch) if preset.uses_query_type else None,
     )
     if scheduler is None:
         return R3Backend(name, preset, params, _no_embedding, {}), ()

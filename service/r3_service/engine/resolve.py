@@ -82,7 +82,7 @@ class Resolver:
             log.exception("query-type classifier failed on %d queries; using the default type", len(unknown))
             return {}
         answers = {key: QueryRecord(label.query_type, (found.get(key) or QueryRecord()).reference,
-                                    label.classified_by)
+                                    label.classified_by, label.open_probability)
                    for key, label in zip(unknown, labels, strict=True)}
         await self.store.put_many([(key, unknown[key], record) for key, record in answers.items()])
         return answers
@@ -105,6 +105,7 @@ class Resolver:
             query_type=query_type,
             query_type_source=type_source,
             reference_source=reference_source if reference is not None else None,
+            open_probability=stored.open_probability if type_source == "classifier" else None,
         )
 
     def _clean(self, response: str, extra_stop_strings: tuple[str, ...]) -> str:

@@ -22,6 +22,9 @@ Embed = Callable[[list[str]], Awaitable[torch.Tensor]]
 class Label(NamedTuple):
     query_type: QueryType
     classified_by: str  # id of the classifier that answered: `name@version`
+    # The classifier's p(open), so a caller can tell a sure answer from a coin flip; None for
+    # classifiers that only answer open or closed (rules, llm).
+    open_probability: float | None = None
 
 
 class QueryTypeClassifier(Protocol):

@@ -12,9 +12,8 @@ from pathlib import Path
 
 import torch
 
-from r3_service.qtype.base import BaseClassifier, Embed, short_hash, split_query
+from r3_service.qtype.base import BaseClassifier, Embed, Label, short_hash, split_query
 from r3_service.rule.features import collapse_whitespace
-from r3_service.rule.querytypes import QueryType
 
 HEAD_PATH = Path(__file__).with_name("qtype_head.json")
 HEAD_FORMAT = "r3-qtype-head/1"
@@ -64,6 +63,10 @@ class LinearHead:
                                 for query in queries], dtype=torch.float32)
         return unit @ self.embedding_weights + lexical + self.bias
 
+    def open_probabilities(self, queries: Sequence[str], embeddings: torch.Tensor) -> torch.Tensor:
+        """p(open) per query: the one place that turns logits into probabilities (calibration)."""
+        return torch.sigmoid(self.logits(queries, embeddings))
+
     def to_json(self) -> str:
         return json.dumps({
             "format": HEAD_FORMAT, "model": self.model, "bias": round(self.bias, 6),
@@ -105,9 +108,10 @@ class LearnedClassifier(BaseClassifier):
         self.embed = embed
         self.version = self.head.version
 
-    async def _types(self, queries: Sequence[str]) -> list[QueryType]:
+    async def label(self, queries: Sequence[str]) -> list[Label]:
+        """Each answer with its p(open); the type follows it, so the two never disagree."""
         if not queries:
             return []
         texts = [collapse_whitespace(query) for query in queries]
-        logits = self.head.logits(texts, await self.embed(texts))
-        return ["open" if logit > 0 else "closed" for logit in logits.tolist()]
+        probabilities = self.head.open_probabilities(texts, await self.embed(texts)).tolist()
+        return [Label("open" if p > 0.5 else "closed", self.id, p) for p in probabilities]

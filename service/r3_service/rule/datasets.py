@@ -15,6 +15,7 @@ QUERY_FIELDS = ("input", "instruction", "query")
 REFERENCE_FIELDS = ("output", "reference")
 QUERY_TYPE_FIELDS = ("qtype", "query_type")
 CLASSIFIED_BY_FIELD = "classified_by"
+OPEN_PROBABILITY_FIELD = "open_probability"
 
 
 @dataclass(frozen=True)
@@ -23,6 +24,8 @@ class QueryRecord:
     reference: str | None = None
     # `name@version` of the classifier that gave query_type; None: an authoritative label (a dataset's)
     classified_by: str | None = None
+    # That classifier's p(open), when it gives one; only ever set together with classified_by.
+    open_probability: float | None = None
 
 
 def clean_reference(reference: str | None) -> str | None:
@@ -69,7 +72,19 @@ def parse_record(record: object, line: int, *, allow_bare: bool = False) -> tupl
     classified_by = record.get(CLASSIFIED_BY_FIELD)
     if classified_by is not None and not isinstance(classified_by, str):
         raise RecordError(f"line {line}: {CLASSIFIED_BY_FIELD} must be a string")
-    return query, QueryRecord(query_type, reference, classified_by if query_type is not None else None)
+    if query_type is None:
+        classified_by = None
+    probability = _open_probability(record.get(OPEN_PROBABILITY_FIELD), line)
+    return query, QueryRecord(query_type, reference, classified_by,
+                              probability if classified_by is not None else None)
+
+
+def _open_probability(value: object, line: int) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= 1:
+        raise RecordError(f"line {line}: {OPEN_PROBABILITY_FIELD} must be a number in [0, 1]")
+    return float(value)
 
 
 def iter_json_values(text: str) -> Iterator[tuple[int, object | Exception]]:

@@ -7,13 +7,17 @@
 A preset says which relevance pair it needs (if any) and how the parts combine. The engine embeds
 the pairs of a whole batch at once and computes S with `relevance` below; LI, RP and f are in
 `features`. Pure Python: no torch, no web framework.
+
+Soft branch (opt-in, beyond the paper): when the classifier typed a query with p(open) inside a
+configured band, a preset that branches on the type pays p · R_open + (1 − p) · R_closed, so a
+coin-flip classification moves the reward a little instead of switching rules outright.
 """
 
 from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal, Protocol, TypeVar
 
 from r3_service.rule.copying import copy_overlap
@@ -33,6 +37,8 @@ class ResolvedItem:
     query_type: QueryType
     query_type_source: str
     reference_source: str | None
+    # The classifier's p(open) when the type came from it (fresh or stored with its id), else None.
+    open_probability: float | None = None
 
 
 @dataclass(frozen=True)
@@ -48,6 +54,9 @@ class Scored:
     query_type_source: str
     reference_source: str | None
     members: dict[str, float] | None = None  # an ensemble's parts, each after standardisation
+    # Probability of the type used; None unless a classifier with probabilities gave the type.
+    query_type_confidence: float | None = None
+    open_branch_weight: float | None = None  # p(open) when the reward blends both branches
 
 
 @dataclass(frozen=True)
@@ -55,6 +64,9 @@ class RuleParams:
     relevance_in_range: tuple[float, float]
     relevance_out_range: tuple[float, float]
     lppo_target_length: int
+    # [lo, hi] on p(open), inclusive: the band of classifier answers whose reward blends both
+    # branches; None: always the hard branch.
+    soft_branch: tuple[float, float] | None = None
 
 
 class Rows(Protocol):
@@ -142,6 +154,21 @@ class Preset:
         target = self.target(item)
         return target, item.query if target == "query" else item.reference or ""
 
+    def open_weight(self, item: ResolvedItem, params: RuleParams) -> float | None:
+        """p(open) when `item`'s reward blends both branches: the type can change the reward
+        (a branching preset, a reference) and the classifier was unsure (p inside the band)."""
+        band, p = params.soft_branch, item.open_probability
+        if band is None or p is None or not self.uses_query_type or item.reference is None:
+            return None
+        return p if band[0] <= p <= band[1] else None
+
+    def other_pair(self, item: ResolvedItem, params: RuleParams) -> tuple[RelevanceTarget, str] | None:
+        """The relevance pair of the branch of the other type, for a blended item; else None."""
+        if self.open_weight(item, params) is None:
+            return None
+        other: QueryType = "closed" if item.query_type == "open" else "open"
+        return self.relevance_pair(replace(item, query_type=other))
+
 
 PRESETS: dict[str, Preset] = {
     preset.name: preset
@@ -166,12 +193,17 @@ PRESETS: dict[str, Preset] = {
 }
 
 
-def score(preset: Preset, item: ResolvedItem, s: float | None, params: RuleParams) -> Scored:
-    """One item's reward and parts; `item` has been through `preset.prepare`, `s` is its S."""
+def score(preset: Preset, item: ResolvedItem, s: float | None, params: RuleParams,
+          s_other: float | None = None) -> Scored:
+    """One item's reward and parts; `item` has been through `preset.prepare`, `s` is its S and
+    `s_other` the S of the other branch (`preset.other_pair`), needed only when it blends."""
     f = features(item.response)
     pair = preset.relevance_pair(item)
+    weight = preset.open_weight(item, params)
+    reward = (preset.combine(item, f, s, params) if weight is None
+              else blend(preset, item, f, s, s_other, params, weight))
     return Scored(
-        reward=float(preset.combine(item, f, s, params)),
+        reward=float(reward),
         length_incentive=f.length_incentive,
         repetition_penalty=f.repetition_penalty,
         relevance=s if pair is not None else None,
@@ -179,7 +211,26 @@ def score(preset: Preset, item: ResolvedItem, s: float | None, params: RuleParam
         query_type=item.query_type,
         query_type_source=item.query_type_source,
         reference_source=item.reference_source,
+        query_type_confidence=query_type_confidence(item),
+        open_branch_weight=weight,
     )
+
+
+def blend(preset: Preset, item: ResolvedItem, f: Features, s: float | None, s_other: float | None,
+          params: RuleParams, p: float) -> float:
+    """p · R_open + (1 − p) · R_closed, each the preset's reward as if the type were that one."""
+    s_open, s_closed = (s, s_other) if item.query_type == "open" else (s_other, s)
+    r_open = preset.combine(replace(item, query_type="open"), f, s_open, params)
+    r_closed = preset.combine(replace(item, query_type="closed"), f, s_closed, params)
+    return p * r_open + (1.0 - p) * r_closed
+
+
+def query_type_confidence(item: ResolvedItem) -> float | None:
+    """The classifier's probability of the type the item was scored with."""
+    p = item.open_probability
+    if p is None:
+        return None
+    return p if item.query_type == "open" else 1.0 - p
 
 
 def plain(item: ResolvedItem, reward: float, members: dict[str, float] | None = None) -> Scored:
@@ -189,4 +240,4 @@ def plain(item: ResolvedItem, reward: float, members: dict[str, float] | None = 
     return Scored(reward=reward, length_incentive=f.length_incentive, repetition_penalty=f.repetition_penalty,
                   relevance=None, relevance_target=None, query_type=item.query_type,
                   query_type_source=item.query_type_source, reference_source=item.reference_source,
-                  members=members)
+                  members=members, query_type_confidence=query_type_confidence(item))

@@ -21,7 +21,7 @@ from redis.exceptions import RedisError
 from redis.retry import Retry
 
 from r3_service.rule.datasets import QueryRecord
-from r3_service.store.records import fields_to_record, record_to_fields
+from r3_service.store.records import READ_FIELDS, fields_to_record, record_to_fields, stale_fields
 
 log = logging.getLogger(__name__)
 
@@ -118,7 +118,8 @@ class QueryStore:
 
     async def put_many(self, records: Sequence[tuple[str, str, QueryRecord]]) -> None:
         """Write (key, query, record) triples — a classifier's answers — to the in-process copy
-        and, when Redis is up, to Redis (fields merge: a stored reference stays). Never raises."""
+        and, when Redis is up, to Redis (fields merge: a stored reference stays, an older
+        answer's probability goes). Never raises."""
         self.memory.put_many([(key, record) for key, _, record in records])
         if not records or not self._redis_usable():
             return
@@ -128,6 +129,8 @@ class QueryStore:
                 async with self._redis.pipeline(transaction=False) as pipe:
                     for key, query, record in records:
                         pipe.hset(key, mapping=record_to_fields(query, record))
+                        if stale := stale_fields(record):
+                            pipe.hdel(key, *stale)
                     await pipe.execute()
         except (RedisError, OSError, TimeoutError) as error:
             self._mark_down(error)
@@ -143,7 +146,7 @@ class QueryStore:
             async with asyncio.timeout(self.timeout_s * 2):
                 async with self._redis.pipeline(transaction=False) as pipe:
                     for key in keys:
-                        pipe.hmget(key, "query_type", "reference", "classified_by")
+                        pipe.hmget(key, *READ_FIELDS)
                     rows = await pipe.execute()
         except (RedisError, OSError, TimeoutError) as error:
             self._mark_down(error)
