@@ -4,6 +4,7 @@ real Redis."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -82,18 +83,20 @@ def test_the_head_ships_in_the_package_and_names_its_model() -> None:
     assert packaged.is_file() and Path(str(packaged)) == HEAD_PATH
     head = LinearHead.load()
     assert head.model == DEFAULT_MODEL and head.dim == 384
-    assert head.meta["train_queries"] > 1000 and 0.5 < head.meta["cv_accuracy"] < 1
+    assert head.meta["train_queries"] > 1000 and 0.5 < head.meta["strict_cv_accuracy"] < 1
+    assert head.meta["augmented"] is True and 0.1 < head.temperature < 10
     assert LinearHead.load().version == head.version  # stable: the store relies on it
 
 
 async def test_learned_head_agrees_with_gpt4_on_held_out_queries(embedding_model, dataset) -> None:
-    """The floor is the head's own cross-validated accuracy on the training split less three
-    standard errors of a held-out estimate of this size: a trained, loadable, correctly wired head
-    lands above it; a broken feature pipeline or a head trained on other embeddings does not."""
+    """The floor is the head's own strict cross-validated accuracy on the training split (held-out
+    leading words, rewritten queries: harder than this random split) less three standard errors
+    of a held-out estimate of this size: a trained, loadable, correctly wired head lands above it;
+    a broken feature pipeline or a head trained on other embeddings does not."""
     queries, expected = held_out_rows(dataset)
     learned = LearnedClassifier(model_embedder(embedding_model), DEFAULT_MODEL)
     predicted = await learned.classify(queries)
-    cv = float(learned.head.meta["cv_accuracy"])
+    cv = float(learned.head.meta["strict_cv_accuracy"])
     floor = cv - 3 * math.sqrt(cv * (1 - cv) / len(queries))
     learned_accuracy = accuracy(predicted, expected)
     rules_accuracy = accuracy(await RulesClassifier().classify(queries), expected)
@@ -336,7 +339,7 @@ def test_qtype_eval_prints_the_table_for_each_kind() -> None:
     result = run_module("r3_tools.qtypes", "eval", str(DATA), "--markdown", "--speed-queries", "200")
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
-    assert "419 held-out queries (of 2000 labelled)" in lines[0]
+    assert "419 queries, held-out split (1 in 5 by query key) (of 2000 labelled)" in lines[0]
     assert lines[1].startswith("| kind | accuracy | open P / R | closed P / R |")
     rows = {line.split("|")[1].strip(): line.split("|")[2].strip() for line in lines[3:5]}
     assert set(rows) == {"learned", "rules"}
@@ -363,15 +366,25 @@ def test_qtype_train_writes_a_head_that_eval_loads(tmp_path: Path, dataset: list
     result = run_module("r3_tools.qtypes", "train", str(small), "--out", str(head_path),
                         "--folds", "2", "--l2", "0.1", "0.3")
     assert result.returncode == 0, result.stderr
-    assert "2-fold cross-validation" in result.stdout and "l2=0.3: accuracy" in result.stdout
+    assert "grouped 2-fold cross-validation" in result.stdout and "l2=0.3: strict accuracy" in result.stdout
     head = LinearHead.load(head_path)
     trained = sum(not held_out(r["input"]) for r in dataset[:300])
     assert head.meta["train_queries"] == trained and head.meta["l2"] in (0.1, 0.3)
+    assert head.meta["data_sha256"] == hashlib.sha256(small.read_bytes()).hexdigest()
+    assert head.temperature != 1.0 and head.meta["augmented"] is True
     assert head.version != LinearHead.load().version
     result = run_module("r3_tools.qtypes", "eval", str(small), "--kind", "learned", "--head",
                         str(head_path), "--speed-queries", "0")
     assert result.returncode == 0, result.stderr
     assert f"learned@{head.version}" in result.stdout
+    assert f"{300 - trained} queries, held-out split" in result.stdout  # its own training file
+    other = tmp_path / "other.jsonl"  # any other file was never trained on: all of it counts
+    other.write_text("\n".join(json.dumps({"query": r["input"], "query_type": r["qtype"]})
+                               for r in dataset[300:360]) + "\n")
+    result = run_module("r3_tools.qtypes", "eval", str(other), "--kind", "learned", "--head",
+                        str(head_path), "--speed-queries", "0")
+    assert result.returncode == 0, result.stderr
+    assert "60 queries, all rows (not the head's training file)" in result.stdout
 
 
 # --- r3-qtypes classify -------------------------------------------------------------------------
@@ -399,6 +412,10 @@ def test_classify_writes_types_with_classifier_ids_to_redis_and_skips_them_next_
     assert [s["query_type"] for s in stored] == ["open", "closed", "closed", "closed"]
     assert [s.get("classified_by") for s in stored] == [learned_id, learned_id, None, learned_id]
     assert stored[1]["reference"] == "Lima." and stored[3]["reference"] == "Merci."
+    # The learned answers carry p(open), consistent with their type; the dataset's label none.
+    opens = [float(s["open_probability"]) > 0.5 for s in (stored[0], stored[1], stored[3])]
+    assert opens == [True, False, False]
+    assert "open_probability" not in stored[2]
     typed, errors = read_records(tmp_path / "typed.jsonl")
     assert not errors and [r.classified_by for _, r in typed] == [learned_id, learned_id, None, learned_id]
 
@@ -411,6 +428,8 @@ def test_classify_writes_types_with_classifier_ids_to_redis_and_skips_them_next_
     rules = run_module("r3_tools.qtypes", "classify", str(path), "--redis-url", redis_server.url,
                        "--kind", "rules")
     assert "classified 3 queries with rules@" in rules.stdout and "skipped 0" in rules.stdout
+    # A hard answer does not inherit the learned head's probability.
+    assert "open_probability" not in client.hgetall(query_key(queries[1]))
     labelled = tmp_path / "labelled.jsonl"
     labelled.write_text(json.dumps({"query": rows[0]["query"], "qtype": "CONSTRAINED"}) + "\n")
     assert run_module("r3_tools.qtypes", "load", str(labelled), "--redis-url",

@@ -69,6 +69,8 @@ class Components:
     relevance_target: Literal["query", "reference"] | None = None
     reference_source: Literal["request", "cache"] | None = None
     members: dict[str, float] | None = None  # an ensemble's member rewards, each standardised
+    query_type_confidence: float | None = None  # the classifier's probability of query_type
+    open_branch_weight: float | None = None  # p(open) when the soft branch blended both branches
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Components:
@@ -79,10 +81,12 @@ class Components:
             repetition_penalty=float(data["repetition_penalty"]),
             query_type=data["query_type"],
             query_type_source=data["query_type_source"],
-            relevance=None if relevance is None else float(relevance),
+            relevance=_optional_float(relevance),
             relevance_target=data.get("relevance_target"),
             reference_source=data.get("reference_source"),
             members=None if members is None else {str(k): float(v) for k, v in members.items()},
+            query_type_confidence=_optional_float(data.get("query_type_confidence")),
+            open_branch_weight=_optional_float(data.get("open_branch_weight")),
         )
 
 
@@ -439,3 +443,7 @@ class ClientBase(Generic[_H]):
         """One probe, no retries: readiness is a question about right now."""
         outcome: Outcome = yield self._request("GET", "/readyz")
         return not isinstance(outcome, httpx.TransportError) and outcome.status_code == 200
+
+
+def _optional_float(value: Any) -> float | None:
+    return None if value is None else float(value)

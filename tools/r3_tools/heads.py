@@ -1,5 +1,5 @@
-"""Training the learned query-type head (L2-regularised logistic regression, LBFGS), and embed
-functions over a local model for the offline query-type tools."""
+"""Training the learned query-type head (L2-regularised logistic regression, LBFGS; temperature
+scaling), and embed functions over a local model for the offline query-type tools."""
 
 from __future__ import annotations
 
@@ -35,6 +35,24 @@ def fit_head(queries: Sequence[str], labels: torch.Tensor, embeddings: torch.Ten
     return LinearHead(model=model, embedding_weights=raw[:dim],
                       lexical_weights=dict(zip(vocabulary, raw[dim:].tolist(), strict=True)),
                       bias=float(bias - (raw * mean).sum()), meta=dict(meta or {}))
+
+
+def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    """The T > 0 that minimises the log loss of sigmoid(logits / T) (temperature scaling): fitted
+    on predictions for queries the head never saw, it turns logits into calibrated probabilities."""
+    log_t = torch.zeros(1, requires_grad=True)
+    optimiser = torch.optim.LBFGS([log_t], lr=0.5, max_iter=100, line_search_fn="strong_wolfe")
+    logits, labels = logits.detach().float(), labels.float()
+
+    def loss() -> torch.Tensor:
+        optimiser.zero_grad()
+        value = torch.nn.functional.binary_cross_entropy_with_logits(logits / log_t.exp(), labels)
+        value.backward()
+        return value
+
+    with torch.enable_grad():
+        optimiser.step(loss)
+    return float(log_t.detach().exp())
 
 
 def _logistic_regression(x: torch.Tensor, y: torch.Tensor, l2: float) -> tuple[torch.Tensor, float]:

@@ -1,9 +1,11 @@
-"""`r3-qtypes train|eval`: train the packaged query-type head, and measure each classifier on held-out
-queries of a labelled dataset (accuracy against its labels, per-class precision/recall, confusion
-matrix, speed).
+"""`r3-qtypes train|eval`: train the packaged query-type head, and measure each classifier on
+labelled queries (accuracy against the labels, per-class precision/recall, confusion matrix, speed),
+as written or rewritten (`--variants`); `eval --strict` cross-validates the training recipe on
+strict splits (`qtype_validate`).
 
 Train and eval split a file the same way, by the hash of each normalised query: the 20% held out
-are never trained on, whichever file or order they come in.
+are never trained on, whichever file or order they come in; a file the head was not trained on is
+measured whole.
 """
 
 from __future__ import annotations
@@ -11,12 +13,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import hashlib
-import math
+import json
 import os
-import random
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -24,13 +25,23 @@ import torch
 from r3_service.models.embedding import EmbeddingModel
 from r3_service.qtype import KINDS, build_classifier
 from r3_service.qtype.base import QueryTypeClassifier
-from r3_service.qtype.learned import HEAD_PATH
+from r3_service.qtype.learned import HEAD_PATH, LinearHead
 from r3_service.rule.datasets import read_records
 from r3_service.rule.querytypes import QueryType
-from r3_service.rule.templates import extract_query, normalise_query
+from r3_service.rule.templates import extract_query
 from r3_service.settings import DEFAULT_MODEL
 from r3_service.store.records import KEY_PREFIX, query_key
-from r3_tools.heads import fit_head, lazy_embedder
+from r3_tools.heads import lazy_embedder
+from r3_tools.qtype_splits import STRICT_VARIANTS, VARIANTS
+from r3_tools.qtype_validate import (
+    Recipe,
+    TextEmbedder,
+    choose_recipe,
+    fit_recipe,
+    format_strict,
+    run_strict,
+    write_strict,
+)
 
 HELD_OUT_EVERY = 5  # 1 in 5 queries: 20%
 DEFAULT_L2 = (0.03, 0.1, 0.3)
@@ -46,10 +57,17 @@ def held_out(query: str) -> bool:
 class Labelled:
     queries: list[str]
     types: list[QueryType]
+    references: list[str | None]
 
     def part(self, held: bool) -> Labelled:
-        rows = [(q, t) for q, t in zip(self.queries, self.types, strict=True) if held_out(q) == held]
-        return Labelled([q for q, _ in rows], [t for _, t in rows])
+        return self.rows([i for i, query in enumerate(self.queries) if held_out(query) == held])
+
+    def rows(self, indices: list[int]) -> Labelled:
+        return Labelled([self.queries[i] for i in indices], [self.types[i] for i in indices],
+                        [self.references[i] for i in indices])
+
+    def rewritten(self, variant: str) -> Labelled:
+        return Labelled([VARIANTS[variant](query) for query in self.queries], self.types, self.references)
 
     def targets(self) -> torch.Tensor:
         return torch.tensor([t == "open" for t in self.types], dtype=torch.float32)
@@ -61,40 +79,19 @@ def read_labelled(path: Path) -> Labelled:
     if errors:
         print(f"{path}: skipped {len(errors)} malformed records (first: {errors[0]})", file=sys.stderr)
     seen: set[str] = set()
-    queries: list[str] = []
-    types: list[QueryType] = []
+    out = Labelled([], [], [])
     for query, record in records:
         key = query_key(query)
         if record.query_type is not None and key not in seen:
             seen.add(key)
-            queries.append(extract_query(query))
-            types.append(record.query_type)
-    return Labelled(queries, types)
+            out.queries.append(extract_query(query))
+            out.types.append(record.query_type)
+            out.references.append(record.reference)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
 # train
-
-
-def embed_queries(model: EmbeddingModel, queries: list[str]) -> torch.Tensor:
-    return model.embed([normalise_query(query) for query in queries])
-
-
-def cross_validate(data: Labelled, embeddings: torch.Tensor, *, model: str, l2: float, folds: int,
-                   seed: int, min_count: int) -> list[float]:
-    """Accuracy on each of `folds` shuffled folds of the training split."""
-    order = list(range(len(data.queries)))
-    random.Random(seed).shuffle(order)
-    targets = data.targets()
-    accuracies = []
-    for fold in range(folds):
-        test = order[fold::folds]
-        train = sorted(set(order) - set(test))
-        head = fit_head([data.queries[i] for i in train], targets[train], embeddings[train],
-                        model=model, l2=l2, min_count=min_count)
-        logits = head.logits([normalise_query(data.queries[i]) for i in test], embeddings[test])
-        accuracies.append(((logits > 0).float() == targets[test]).float().mean().item())
-    return accuracies
 
 
 def train(args: argparse.Namespace) -> int:
@@ -102,31 +99,26 @@ def train(args: argparse.Namespace) -> int:
     if len(set(data.types)) < 2:
         print(f"error: {args.data}: the training split needs both open and closed labels", file=sys.stderr)
         return 1
-    model = EmbeddingModel(args.model, device=args.device)
-    started = time.perf_counter()
-    embeddings = embed_queries(model, data.queries)
-    print(f"embedded {len(data.queries)} training queries in {time.perf_counter() - started:.1f}s")
-    best = (args.l2[0], float("nan"))
-    if args.folds >= 2:
-        print(f"{args.folds}-fold cross-validation on the training split:")
-        for l2 in args.l2:
-            accuracies = cross_validate(data, embeddings, model=args.model, l2=l2, folds=args.folds,
-                                        seed=args.seed, min_count=args.min_count)
-            mean = sum(accuracies) / len(accuracies)
-            spread = torch.tensor(accuracies).std().item() / math.sqrt(len(accuracies))
-            print(f"  l2={l2:g}: accuracy {mean:.4f} ± {spread:.4f}")
-            if math.isnan(best[1]) or mean > best[1]:
-                best = (l2, mean)
-    meta = {"data": args.data.name, "data_sha256": hashlib.sha256(args.data.read_bytes()).hexdigest(),
-            "train_queries": len(data.queries), "l2": best[0], "min_count": args.min_count,
-            "cv_folds": args.folds, "cv_accuracy": round(best[1], 4) if not math.isnan(best[1]) else None,
-            "seed": args.seed, "held_out": f"1 in {HELD_OUT_EVERY} by query key"}
-    head = fit_head(data.queries, data.targets(), embeddings, model=args.model, l2=best[0],
-                    min_count=args.min_count, meta=meta)
+    embed = TextEmbedder(EmbeddingModel(args.model, device=args.device))
+    targets = data.targets()
+    print(f"{len(data.queries)} training queries; grouped {args.folds}-fold cross-validation "
+          f"(strict variants: {', '.join(STRICT_VARIANTS)}):")
+    recipe, strict, temperature = choose_recipe(data.queries, targets, embed, args.l2 or DEFAULT_L2,
+                                                folds=args.folds,
+                                                min_count=args.min_count, augment=args.augment)
+    meta = {"data": args.data.name, "data_sha256": file_sha256(args.data),
+            "train_queries": len(data.queries), "l2": recipe.l2, "min_count": recipe.min_count,
+            "augmented": recipe.augment, "strict_cv_accuracy": round(strict, 4), "cv_folds": args.folds,
+            "cv_split": "grouped by leading word", "held_out": f"1 in {HELD_OUT_EVERY} by query key"}
+    head = replace(fit_recipe(data.queries, targets, embed, recipe, meta), temperature=temperature)
     head.save(args.out)
-    print(f"wrote {args.out} (l2={best[0]:g}, {len(head.lexical_weights)} lexical features, "
-          f"version {head.version})")
+    print(f"wrote {args.out} (l2={recipe.l2:g}, temperature {temperature:.3f}, "
+          f"{len(head.lexical_weights)} lexical features, version {head.version})")
     return 0
+
+
+def file_sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -157,12 +149,13 @@ class Report:
         return self.confusion[(kind, kind)] / actual if actual else float("nan")
 
     def row(self) -> list[str]:
-        rate = self.speed_queries / self.speed_s if self.speed_s > 0 else float("nan")
-        per_1000 = 1000 * self.speed_s / self.speed_queries if self.speed_queries else float("nan")
+        timed = self.speed_queries > 0 and self.speed_s > 0
+        rate = f"{self.speed_queries / self.speed_s:,.0f}" if timed else "—"
+        per_1000 = f"{1000 * self.speed_s / self.speed_queries:.2f} s" if timed else "—"
         return [self.kind, f"{self.accuracy:.1%}",
                 *(f"{self.precision(k):.1%} / {self.recall(k):.1%}" for k in TYPES),
                 *(f"{self.confusion[(k, 'open')]} / {self.confusion[(k, 'closed')]}" for k in TYPES),
-                f"{rate:,.0f}", f"{per_1000:.2f} s",
+                rate, per_1000,
                 "" if self.fallbacks is None else str(self.fallbacks)]
 
 
@@ -209,13 +202,26 @@ def speed_sample(queries: list[str], count: int) -> list[str]:
     return [queries[i % len(queries)] for i in range(count)] if queries else []
 
 
+def eval_rows(args: argparse.Namespace, data: Labelled) -> tuple[Labelled, str]:
+    """The rows `eval` measures, and how they were chosen: the head's training file gives only its
+    held-out split (the rest was trained on); any other file is unseen, so all of it counts."""
+    split = args.split
+    if split == "auto":
+        trained_on = LinearHead.load(args.head).meta.get("data_sha256") if args.head.is_file() else None
+        split = "held-out" if trained_on == file_sha256(args.data) else "all"
+    if split == "held-out":
+        return data.part(held=True), "held-out split (1 in 5 by query key)"
+    return data, "all rows (not the head's training file)" if args.split == "auto" else "all rows"
+
+
 async def run_eval(args: argparse.Namespace) -> int:
     data = read_labelled(args.data)
-    held = data.part(held=True)
-    if not held.queries:
-        print(f"error: {args.data}: no labelled queries in the held-out split", file=sys.stderr)
+    rows, chosen = eval_rows(args, data)
+    if not rows.queries:
+        print(f"error: {args.data}: no labelled queries in the {chosen}", file=sys.stderr)
         return 1
     kinds = [k for k in KINDS if k != "llm" or args.llm_url] if args.kind == "all" else [args.kind]
+    variants = list(VARIANTS) if args.variants else ["as written"]
     embed = lazy_embedder(args.model, args.device)
     reports = []
     for kind in kinds:
@@ -223,17 +229,53 @@ async def run_eval(args: argparse.Namespace) -> int:
                                       llm_url=args.llm_url, llm_model=args.llm_model,
                                       llm_api_key=args.llm_api_key, timeout_s=args.timeout_s)
         try:
-            sample = speed_sample(data.queries, args.speed_queries)
-            reports.append(await evaluate(kind, classifier, held, sample))
+            for variant in variants:
+                sample = speed_sample(data.queries, args.speed_queries if variant == "as written" else 0)
+                name = kind if variant == "as written" else f"{kind}, {variant}"
+                reports.append(await evaluate(name, classifier, rows.rewritten(variant), sample))
         finally:
             await classifier.aclose()
-    print(f"{args.data.name}: {len(held.queries)} held-out queries (of {len(data.queries)} labelled); "
+    print(f"{args.data.name}: {len(rows.queries)} queries, {chosen} (of {len(data.queries)} labelled); "
           f"speed over {args.speed_queries} queries, {torch.get_num_threads()} torch threads, "
           f"{os.cpu_count()} CPUs")
     print(format_table(reports, args.markdown))
     for report in reports:
-        print(f"{report.kind}: {report.classifier_id}")
+        if report.kind in KINDS:
+            print(f"{report.kind}: {report.classifier_id}")
     return 0
+
+
+def run_strict_eval(args: argparse.Namespace) -> int:
+    """`eval --strict`: cross-validate the training recipe on all labelled rows of the file."""
+    data = read_labelled(args.data)
+    if args.limit:
+        data = data.rows(list(range(min(args.limit, len(data.queries)))))
+    if len(set(data.types)) < 2:
+        print(f"error: {args.data}: strict validation needs both open and closed labels", file=sys.stderr)
+        return 1
+    embed = TextEmbedder(EmbeddingModel(args.model, device=args.device))
+    responses = {path.stem: read_responses(path, data.queries) for path in args.responses}
+    l2 = args.l2[0] if args.l2 else float(str(LinearHead.load().meta.get("l2", DEFAULT_L2[1])))
+    report = run_strict(args.data.name, data.queries, data.targets(), data.references, embed,
+                        Recipe(l2, args.min_count, args.augment), args.folds, responses)
+    if args.out:
+        write_strict(report, args.out)
+        print(f"wrote {args.out}/strict.md, strict.json and reliability.png", file=sys.stderr)
+    print(format_strict(report))
+    return 0
+
+
+def read_responses(path: Path, queries: list[str]) -> list[str]:
+    """Responses of a JSONL file of {query|prompt, response} (e.g. a trainer report's
+    base-responses.jsonl), aligned to `queries` by store key; "" where the file has none."""
+    by_key: dict[str, str] = {}
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if line.strip():
+            row = json.loads(line)
+            query = row.get("query") or row.get("prompt") or row.get("input")
+            if isinstance(query, str) and isinstance(row.get("response"), str):
+                by_key[query_key(query)] = row["response"]
+    return [by_key.get(query_key(query), "") for query in queries]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -242,24 +284,39 @@ async def run_eval(args: argparse.Namespace) -> int:
 def add_commands(commands: argparse._SubParsersAction) -> None:
     """`train` and `eval` on the `r3-qtypes` parser."""
     for name, helptext in (("train", "train the learned head on the training split"),
-                           ("eval", "measure classifiers on the held-out split")):
+                           ("eval", "measure classifiers on labelled queries, or (--strict) "
+                                    "cross-validate the training recipe on strict splits")):
         command = commands.add_parser(name, help=helptext)
         command.add_argument("data", type=Path, help="labelled JSON array or JSONL")
         command.add_argument("--model", default=DEFAULT_MODEL, help=f"embedding model ({DEFAULT_MODEL})")
         command.add_argument("--device", default="cpu", help="cpu (default), cuda:N or auto")
+        command.add_argument("--folds", type=int, default=5, help="cross-validation folds (train, --strict)")
+        command.add_argument("--l2", type=float, nargs="+",
+                             help=f"L2 strengths: train picks the best on the strict split (default "
+                                  f"{' '.join(map(str, DEFAULT_L2))}); --strict uses the first "
+                                  f"(default: the packaged head's)")
+        command.add_argument("--min-count", type=int, default=1, help="keep lexical features seen this often")
+        command.add_argument("--no-augment", dest="augment", action="store_false",
+                             help="train on the rows as written only (no rewritten copies)")
     trainer = commands.choices["train"]
     trainer.add_argument("--out", type=Path, default=HEAD_PATH, help="default: the packaged head")
-    trainer.add_argument("--seed", type=int, default=0, help="cross-validation fold shuffle")
-    trainer.add_argument("--folds", type=int, default=5, help="cross-validation folds; < 2: none")
-    trainer.add_argument("--l2", type=float, nargs="+", default=list(DEFAULT_L2),
-                         help="L2 strengths to cross-validate (the best one is trained on all rows)")
-    trainer.add_argument("--min-count", type=int, default=1, help="keep lexical features seen this often")
     evaluator = commands.choices["eval"]
     evaluator.add_argument("--kind", choices=[*KINDS, "all"], default="all",
                            help="all: learned, rules, and llm when --llm-url is given")
     evaluator.add_argument("--head", type=Path, default=HEAD_PATH, help="default: the packaged head")
+    evaluator.add_argument("--split", choices=("auto", "held-out", "all"), default="auto",
+                           help="auto: the held-out 20%% of the head's own training file, else every row")
+    evaluator.add_argument("--variants", action="store_true",
+                           help="also score each query with its input dropped, inlined, and paraphrased")
     evaluator.add_argument("--speed-queries", type=int, default=1000, help="queries to time (0: skip)")
     evaluator.add_argument("--markdown", action="store_true", help="print a Markdown table")
+    evaluator.add_argument("--strict", action="store_true",
+                           help="cross-validate the training recipe: random vs grouped-by-leading-word "
+                                "folds, every variant, calibration and the soft branch's reward error")
+    evaluator.add_argument("--responses", type=Path, nargs="*", default=[],
+                           help="--strict: JSONL files of {query, response} to measure the soft branch on")
+    evaluator.add_argument("--out", type=Path, help="--strict: write strict.md, strict.json, reliability.png")
+    evaluator.add_argument("--limit", type=int, default=0, help="--strict: only the first N labelled queries")
 
 
 def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
@@ -267,6 +324,8 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         parser.error(f"no such file: {args.data}")
     if args.command == "train":
         return train(args)
+    if args.strict:
+        return run_strict_eval(args)
     if (args.kind == "llm" or args.llm_url) and not (args.llm_url and args.llm_model):
         parser.error("the llm kind needs --llm-url and --llm-model")
     return asyncio.run(run_eval(args))

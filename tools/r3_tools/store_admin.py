@@ -18,10 +18,10 @@ from typing import TYPE_CHECKING
 
 import redis
 
-from r3_service.rule.datasets import CLASSIFIED_BY_FIELD, QueryRecord, read_records
+from r3_service.rule.datasets import CLASSIFIED_BY_FIELD, OPEN_PROBABILITY_FIELD, QueryRecord, read_records
 from r3_service.rule.templates import extract_query
 from r3_service.settings import DEFAULT_MODEL
-from r3_service.store.records import query_key, record_to_fields
+from r3_service.store.records import query_key, record_to_fields, stale_fields
 from r3_service.store.stores import redact_url
 
 if TYPE_CHECKING:
@@ -33,7 +33,8 @@ Records = list[tuple[str, QueryRecord]]
 
 def write_records(client: redis.Redis, records: list[tuple[str, QueryRecord]]) -> int:
     """HSET every record in pipelined batches; returns how many distinct keys were written.
-    An authoritative type replaces a classifier's, so its `classified_by` goes too."""
+    An authoritative type replaces a classifier's, so its `classified_by` goes too, and a hard
+    answer drops the probability of the answer it replaces."""
     keys = set()
     for start in range(0, len(records), BATCH):
         with client.pipeline(transaction=False) as pipe:
@@ -41,8 +42,11 @@ def write_records(client: redis.Redis, records: list[tuple[str, QueryRecord]]) -
                 key = query_key(query)
                 keys.add(key)
                 pipe.hset(key, mapping=record_to_fields(query, record))
+                stale = stale_fields(record)
                 if record.query_type is not None and record.classified_by is None:
-                    pipe.hdel(key, CLASSIFIED_BY_FIELD)
+                    stale.append(CLASSIFIED_BY_FIELD)
+                if stale:
+                    pipe.hdel(key, *stale)
             pipe.execute()
     return len(keys)
 
@@ -114,7 +118,8 @@ async def classify_records(records: list[tuple[str, QueryRecord]], classifier: Q
     for query, record in records:
         label = labels.get(query_key(query)) if record.query_type is None else None
         if label is not None:
-            record = replace(record, query_type=label.query_type, classified_by=label.classified_by)
+            record = replace(record, query_type=label.query_type, classified_by=label.classified_by,
+                             open_probability=label.open_probability)
         typed.append((query, record))
     return typed, len(todo), len(skip)
 
@@ -139,7 +144,7 @@ def write_jsonl(path: Path, records: Records) -> None:
     with path.open("w", encoding="utf-8") as out:
         for query, record in records:
             row = {"query": query, "query_type": record.query_type, "reference": record.reference,
-                   CLASSIFIED_BY_FIELD: record.classified_by}
+                   CLASSIFIED_BY_FIELD: record.classified_by, OPEN_PROBABILITY_FIELD: record.open_probability}
             out.write(json.dumps({k: v for k, v in row.items() if v is not None}, ensure_ascii=False) + "\n")
 
 

@@ -191,23 +191,29 @@ def default_relevance_range(model_name: str, normalized: bool) -> tuple[float, f
     return (0.0, 1.0) if normalized else (0.0, 3.5)
 
 
-def r3_backend(name: str, spec: R3BackendSpec, settings: Settings,
-               pool: ModelPool) -> tuple[R3Backend, Queues]:
-    preset = PRESETS[spec.preset]
-    model_name = spec.model or settings.model
-    normalize = spec.normalize if spec.normalize is not None else settings.normalize
-    # A rule without relevance never loads a model.
-    scheduler = pool.embedding(model_name, normalize) if preset.uses_relevance else None
-    normalized = scheduler.model.info.normalize if scheduler else bool(normalize)
+def rule_params(spec: R3BackendSpec, settings: Settings, normalized: bool) -> RuleParams:
+    """The rule's parameters of an R3 backend: its spec, else the deployment's settings, else the
+    model's default relevance range (also for tools that score without a service)."""
     in_range = spec.relevance_in_range or settings.relevance_in_range or default_relevance_range(
-        model_name, normalized)
-    params = RuleParams(
+        spec.model or settings.model, normalized)
+    branches = PRESETS[spec.preset].uses_query_type
+    return RuleParams(
         relevance_in_range=in_range,
         relevance_out_range=(0.0, (spec.max_rollout_tokens or settings.max_rollout_tokens) / 100.0),
         lppo_target_length=spec.lppo_target_length or settings.lppo_target_length,
         # Only a preset that branches on the query type has branches to blend.
-        soft_branch=(spec.soft_branch or settings.soft_branch) if preset.uses_query_type else None,
+        soft_branch=(spec.soft_branch or settings.soft_branch) if branches else None,
     )
+
+
+def r3_backend(name: str, spec: R3BackendSpec, settings: Settings,
+               pool: ModelPool) -> tuple[R3Backend, Queues]:
+    preset = PRESETS[spec.preset]
+    normalize = spec.normalize if spec.normalize is not None else settings.normalize
+    # A rule without relevance never loads a model.
+    scheduler = pool.embedding(spec.model or settings.model, normalize) if preset.uses_relevance else None
+    normalized = scheduler.model.info.normalize if scheduler else bool(normalize)
+    params = rule_params(spec, settings, normalized)
     if scheduler is None:
         return R3Backend(name, preset, params, _no_embedding, {}), ()
     return R3Backend(name, preset, params, scheduler.run, describe_model(scheduler.model)), (scheduler,)

@@ -38,13 +38,20 @@ def lexical_features(query: str) -> set[str]:
 
 @dataclass(frozen=True)
 class LinearHead:
-    """logit(open) = w·normalise(embedding) + Σ lexical weights of the query's features + bias."""
+    """logit(open) = w·normalise(embedding) + Σ lexical weights of the query's features + bias;
+    p(open) = sigmoid(logit / temperature), the temperature fitted on held-out-group predictions
+    (`r3-qtypes train`) so that a probability of 0.8 is right about 80% of the time."""
 
     model: str  # the embedding model it was trained on (R3_MODEL spelling)
     embedding_weights: torch.Tensor  # (dim,)
     lexical_weights: dict[str, float]
     bias: float
     meta: dict[str, object] = field(default_factory=dict)  # how it was trained and how well it did
+    temperature: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not self.temperature > 0:
+            raise ValueError(f"a query-type head's temperature must be > 0, got {self.temperature}")
 
     @property
     def dim(self) -> int:
@@ -65,11 +72,12 @@ class LinearHead:
 
     def open_probabilities(self, queries: Sequence[str], embeddings: torch.Tensor) -> torch.Tensor:
         """p(open) per query: the one place that turns logits into probabilities (calibration)."""
-        return torch.sigmoid(self.logits(queries, embeddings))
+        return torch.sigmoid(self.logits(queries, embeddings) / self.temperature)
 
     def to_json(self) -> str:
         return json.dumps({
             "format": HEAD_FORMAT, "model": self.model, "bias": round(self.bias, 6),
+            "temperature": round(self.temperature, 6),
             "embedding_weights": [round(w, 6) for w in self.embedding_weights.tolist()],
             "lexical_weights": {k: round(v, 6) for k, v in sorted(self.lexical_weights.items())},
             "meta": self.meta,
@@ -86,7 +94,7 @@ class LinearHead:
         return cls(model=data["model"], bias=float(data["bias"]),
                    embedding_weights=torch.tensor(data["embedding_weights"], dtype=torch.float32),
                    lexical_weights={k: float(v) for k, v in data["lexical_weights"].items()},
-                   meta=data.get("meta", {}))
+                   meta=data.get("meta", {}), temperature=float(data.get("temperature", 1.0)))
 
 
 class HeadMismatch(ValueError):
