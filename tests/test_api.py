@@ -56,8 +56,9 @@ def test_info_reports_the_settings_in_force(app_client: TestClient) -> None:
     assert r3["normalize"] is True and r3["max_length"] == 256
     # The packaged model's calibrated range (settings.PACKAGED_MODEL_RANGE), not cosine's [0, 1].
     assert r3["relevance_in_range"] == [0.311, 3.622] and r3["relevance_out_range"] == [0.0, 5.12]
-    # Every preset that embeds shares the one loaded model.
-    assert [m["model"] for m in info["models"]] == ["packaged:all-MiniLM-L6-v2"]
+    # Every preset that embeds shares the one loaded model; the classifier reads another view of it.
+    assert [(m["model"], m["pooling"]) for m in info["models"]] == [
+        ("packaged:all-MiniLM-L6-v2", "mean"), ("packaged:all-MiniLM-L6-v2", "layers")]
     assert info["stop_strings"] == ["\n\n\n\n", "\n\n--", "\n\n____"]
     assert info["default_query_type"] == "open" and info["store"] == "memory"
     assert info["query_type_classifier"].startswith("learned@")

@@ -186,8 +186,10 @@ def test_info_lists_backends_and_shares_models(deployment: TestClient, tiny_rm: 
     assert info["backends"]["r3-wide"]["relevance_out_range"] == [0.0, 10.24]
     assert info["backends"]["mix"]["members"][1] == {"backend": "rm", "weight": 0.5, "standardize": "fixed",
                                                       "mean": 0.25, "std": 2.0}
-    # r3 and r3-wide name the same model: it is loaded once, beside the reward model.
-    assert sorted(m["model"] for m in info["models"]) == sorted([DEFAULT_MODEL, str(tiny_rm)])
+    # r3 and r3-wide name the same model: it is loaded once (a `layers` view of it for the query-type
+    # head), beside the reward model.
+    assert sorted((m["model"], m.get("pooling")) for m in info["models"]) == sorted(
+        [(DEFAULT_MODEL, "mean"), (DEFAULT_MODEL, "layers"), (str(tiny_rm), None)])
 
 
 def test_backends_are_picked_per_request(deployment: TestClient, tiny_rm: Path) -> None:

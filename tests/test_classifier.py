@@ -82,7 +82,7 @@ def test_the_head_ships_in_the_package_and_names_its_model() -> None:
     packaged = files("r3_service.qtype") / "qtype_head.json"
     assert packaged.is_file() and Path(str(packaged)) == HEAD_PATH
     head = LinearHead.load()
-    assert head.model == DEFAULT_MODEL and head.dim == 384
+    assert head.model == DEFAULT_MODEL and head.pooling == "layers" and head.dim == 6 * 384
     assert head.meta["train_queries"] > 1000 and 0.5 < head.meta["strict_cv_accuracy"] < 1
     assert head.meta["augmented"] is True and 0.1 < head.temperature < 10
     assert LinearHead.load().version == head.version  # stable: the store relies on it
@@ -110,23 +110,31 @@ async def test_learned_refuses_a_head_of_another_model_and_the_factory_falls_bac
     with pytest.raises(HeadMismatch, match="facebook/contriever"):
         LearnedClassifier(embed, "facebook/contriever")
     with caplog.at_level(logging.WARNING):
-        classifier = build_classifier("learned", embed=embed, model_name="facebook/contriever")
+        classifier = build_classifier("learned", embed_for=embed, model_name="facebook/contriever")
     assert isinstance(classifier, RulesClassifier)
     assert "rules baseline instead" in caplog.text
-    assert isinstance(build_classifier("learned", embed=embed, model_name=DEFAULT_MODEL), LearnedClassifier)
+    learned = build_classifier("learned", embed_for=embed, model_name=DEFAULT_MODEL)
+    assert isinstance(learned, LearnedClassifier)
     with pytest.raises(ValueError, match="valid: learned, llm, rules"):
         build_classifier("oracle")
 
 
 async def test_learned_uses_the_injected_embed_function_once_per_batch(embedding_model) -> None:
     calls: list[list[str]] = []
+    poolings: list[str] = []
     inner = model_embedder(embedding_model)
 
-    async def embed(texts: list[str]):
-        calls.append(texts)
-        return await inner(texts)
+    def embed_for(pooling: str):
+        poolings.append(pooling)
 
-    learned = LearnedClassifier(embed, DEFAULT_MODEL)
+        async def embed(texts: list[str]):
+            calls.append(texts)
+            return await inner(pooling)(texts)
+
+        return embed
+
+    learned = LearnedClassifier(embed_for, DEFAULT_MODEL)
+    assert poolings == [learned.head.pooling] == ["layers"]  # the view it was trained on, asked once
     # Classifiers take the user's words (the engine removed the template); whitespace is theirs.
     types = await learned.classify(["Write a poem\n\nabout the sea. ", "What is 2 + 2?"])
     assert calls == [["Write a poem about the sea.", "What is 2 + 2?"]]
@@ -138,7 +146,8 @@ async def test_learned_labels_carry_the_probability_their_type_follows(embedding
     queries = ["Write a poem about the sea.", "What is 2 + 2?", "Summarize the plot of Hamlet."]
     learned = LearnedClassifier(model_embedder(embedding_model), DEFAULT_MODEL)
     labels = await learned.label(queries)
-    expected = learned.head.open_probabilities(queries, embedding_model.embed(queries)).tolist()
+    layers = embedding_model.view("layers").embed(queries)
+    expected = learned.head.open_probabilities(queries, layers).tolist()
     assert [label.open_probability for label in labels] == pytest.approx(expected, abs=1e-6)
     assert [label.query_type for label in labels] == ["open" if p > 0.5 else "closed" for p in expected]
     assert all(0 < p < 1 for p in expected) and {label.classified_by for label in labels} == {learned.id}
@@ -321,14 +330,14 @@ async def test_llm_concurrency_is_bounded(chat_server: ChatServer) -> None:
 
 async def test_llm_factory_falls_back_to_the_learned_head(chat_server: ChatServer, embedding_model) -> None:
     chat_server.reply = lambda q, a: (200, "MAYBE", 0.0)
-    classifier = build_classifier("llm", embed=model_embedder(embedding_model), model_name=DEFAULT_MODEL,
+    classifier = build_classifier("llm", embed_for=model_embedder(embedding_model), model_name=DEFAULT_MODEL,
                                   llm_url=chat_server.url, llm_model="judge-7b", llm_api_key="k")
     labels = await classifier.label(["Write a poem about rain."])
     await classifier.aclose()
     assert labels[0][:2] == ("open", f"learned@{LinearHead.load().version}")
     assert labels[0].open_probability is not None and labels[0].open_probability > 0.5  # the fallback's
     with pytest.raises(ValueError, match="endpoint URL"):
-        build_classifier("llm", embed=model_embedder(embedding_model), model_name=DEFAULT_MODEL)
+        build_classifier("llm", embed_for=model_embedder(embedding_model), model_name=DEFAULT_MODEL)
 
 
 # --- r3-qtype train / eval ----------------------------------------------------------------------

@@ -56,6 +56,33 @@ def test_ranges_and_normalisation_are_configurable(tiny_bert: Path, monkeypatch:
     assert torch.allclose(scheduler.model.embed(["x y z"]).norm(dim=-1), torch.ones(1), atol=1e-5)
 
 
+def test_layers_view_shares_the_weights_and_ends_with_the_sentence_embedding(embedding_model) -> None:
+    layers = embedding_model.view("layers")
+    assert layers.model is embedding_model.model and layers.tokenizer is embedding_model.tokenizer
+    assert embedding_model.view("mean") is embedding_model and embedding_model.pooling == "mean"
+    texts = ["Write a poem about the sea.", "What is 2 + 2?"]
+    mean, stacked = embedding_model.embed(texts), layers.embed(texts)
+    config = embedding_model.model.config
+    assert stacked.shape == (2, config.hidden_size * config.num_hidden_layers) == (2, layers.info.dim)
+    blocks = stacked.view(2, config.num_hidden_layers, config.hidden_size)
+    assert torch.allclose(blocks.norm(dim=-1), torch.ones(2, config.num_hidden_layers), atol=1e-5)
+    assert torch.allclose(blocks[:, -1], torch.nn.functional.normalize(mean, dim=-1), atol=1e-5)
+    assert not torch.allclose(blocks[:, 0], blocks[:, -1], atol=1e-2)  # lower layers differ
+    with pytest.raises(ValueError, match="valid: mean, layers"):
+        embedding_model.view("max")
+
+
+def test_the_classifier_reads_its_view_through_a_queue_of_its_own(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("R3_DEVICE", "cpu")
+    engine = RewardEngine.from_settings(Settings())
+    models = {m["pooling"]: m for m in engine.models()}
+    assert set(models) == {"mean", "layers"} and models["layers"]["embedding_dim"] == 6 * 384
+    mean = engine.pool.embedding(DEFAULT_MODEL, None)
+    layers = engine.pool.embedding(DEFAULT_MODEL, None, "layers")
+    assert layers is not mean and layers.model.model is mean.model.model  # one copy of the weights
+    assert engine._queues_of(engine.backends["r3"]) == (mean, layers)  # admission holds both
+
+
 @pytest.mark.slow
 def test_compiled_encoder_gives_the_same_embeddings(embedding_model) -> None:
     compiled = EmbeddingModel(DEFAULT_MODEL, device="cpu", compile=True)

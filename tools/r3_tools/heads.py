@@ -5,16 +5,18 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Sequence
+from typing import cast
 
 import torch
 
-from r3_service.models.embedding import EmbeddingModel
-from r3_service.qtype.base import Embed
+from r3_service.models.embedding import EmbeddingModel, Pooling
+from r3_service.qtype.base import Embed, EmbedFor
 from r3_service.qtype.learned import LinearHead, lexical_features
 
 
 def fit_head(queries: Sequence[str], labels: torch.Tensor, embeddings: torch.Tensor, *, model: str,
-             l2: float, min_count: int = 1, meta: dict[str, object] | None = None) -> LinearHead:
+             l2: float, min_count: int = 1, meta: dict[str, object] | None = None,
+             pooling: str = "mean") -> LinearHead:
     """L2-regularised logistic regression (labels: 1 = open) on standardised features, the
     standardisation then folded into the weights so that scoring needs no statistics."""
     features = [lexical_features(query) for query in queries]
@@ -34,7 +36,7 @@ def fit_head(queries: Sequence[str], labels: torch.Tensor, embeddings: torch.Ten
     dim = embeddings.shape[1]
     return LinearHead(model=model, embedding_weights=raw[:dim],
                       lexical_weights=dict(zip(vocabulary, raw[dim:].tolist(), strict=True)),
-                      bias=float(bias - (raw * mean).sum()), meta=dict(meta or {}))
+                      bias=float(bias - (raw * mean).sum()), meta=dict(meta or {}), pooling=pooling)
 
 
 def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
@@ -73,26 +75,31 @@ def _logistic_regression(x: torch.Tensor, y: torch.Tensor, l2: float) -> tuple[t
     return params[:-1], float(params[-1])
 
 
-def model_embedder(model: EmbeddingModel) -> Embed:
-    """An `Embed` over an `EmbeddingModel` off the event loop (for tools and tests; the service
-    passes its scheduler instead)."""
+def model_embedder(model: EmbeddingModel) -> EmbedFor:
+    """An `EmbedFor` over an `EmbeddingModel`, off the event loop (for tools and tests; the service
+    passes its schedulers instead)."""
 
-    async def embed(texts: list[str]) -> torch.Tensor:
-        return await asyncio.to_thread(model.embed, texts)
+    def embed_for(pooling: str) -> Embed:
+        view = model.view(cast(Pooling, pooling))
 
-    return embed
+        async def embed(texts: list[str]) -> torch.Tensor:
+            return await asyncio.to_thread(view.embed, texts)
+
+        return embed
+
+    return embed_for
 
 
-def lazy_embedder(model_name: str, device: str = "cpu") -> Embed:
+def lazy_embedder(model_name: str, device: str = "cpu") -> EmbedFor:
     """`model_embedder` of a model loaded on first use: tools skip the load when nothing needs it."""
-    loaded: list[Embed] = []
+    loaded: list[EmbeddingModel] = []
 
-    async def embed(texts: list[str]) -> torch.Tensor:
-        if not loaded:
-            model = await asyncio.to_thread(EmbeddingModel, model_name, device=device)
-            loaded.append(model_embedder(model))
-        return await loaded[0](texts)
+    def embed_for(pooling: str) -> Embed:
+        async def embed(texts: list[str]) -> torch.Tensor:
+            if not loaded:
+                loaded.append(await asyncio.to_thread(EmbeddingModel, model_name, device=device))
+            return await model_embedder(loaded[0])(pooling)(texts)
 
-    return embed
+        return embed
 
-
+    return embed_for

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from r3_service.models.embedding import EmbeddingModel
+from r3_service.models.embedding import POOLINGS, EmbeddingModel
 from r3_service.qtype import KINDS, build_classifier
 from r3_service.qtype.base import QueryTypeClassifier
 from r3_service.qtype.learned import HEAD_PATH, LinearHead
@@ -104,11 +104,12 @@ def train(args: argparse.Namespace) -> int:
     print(f"{len(data.queries)} training queries; grouped {args.folds}-fold cross-validation "
           f"(strict variants: {', '.join(STRICT_VARIANTS)}):")
     recipe, strict, temperature = choose_recipe(data.queries, targets, embed, args.l2 or DEFAULT_L2,
-                                                folds=args.folds,
-                                                min_count=args.min_count, augment=args.augment)
+                                                folds=args.folds, min_count=args.min_count,
+                                                augment=args.augment, pooling=args.pooling)
     meta = {"data": args.data.name, "data_sha256": file_sha256(args.data),
             "train_queries": len(data.queries), "l2": recipe.l2, "min_count": recipe.min_count,
-            "augmented": recipe.augment, "strict_cv_accuracy": round(strict, 4), "cv_folds": args.folds,
+            "augmented": recipe.augment, "pooling": recipe.pooling, "strict_cv_accuracy": round(strict, 4),
+            "cv_folds": args.folds,
             "cv_split": "grouped by leading word", "held_out": f"1 in {HELD_OUT_EVERY} by query key"}
     head = replace(fit_recipe(data.queries, targets, embed, recipe, meta), temperature=temperature)
     head.save(args.out)
@@ -225,7 +226,7 @@ async def run_eval(args: argparse.Namespace) -> int:
     embed = lazy_embedder(args.model, args.device)
     reports = []
     for kind in kinds:
-        classifier = build_classifier(kind, embed=embed, model_name=args.model, head_path=args.head,
+        classifier = build_classifier(kind, embed_for=embed, model_name=args.model, head_path=args.head,
                                       llm_url=args.llm_url, llm_model=args.llm_model,
                                       llm_api_key=args.llm_api_key, timeout_s=args.timeout_s)
         try:
@@ -257,7 +258,7 @@ def run_strict_eval(args: argparse.Namespace) -> int:
     responses = {path.stem: read_responses(path, data.queries) for path in args.responses}
     l2 = args.l2[0] if args.l2 else float(str(LinearHead.load().meta.get("l2", DEFAULT_L2[1])))
     report = run_strict(args.data.name, data.queries, data.targets(), data.references, embed,
-                        Recipe(l2, args.min_count, args.augment), args.folds, responses)
+                        Recipe(l2, args.min_count, args.augment, args.pooling), args.folds, responses)
     if args.out:
         write_strict(report, args.out)
         print(f"wrote {args.out}/strict.md, strict.json and reliability.png", file=sys.stderr)
@@ -298,6 +299,9 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
         command.add_argument("--min-count", type=int, default=1, help="keep lexical features seen this often")
         command.add_argument("--no-augment", dest="augment", action="store_false",
                              help="train on the rows as written only (no rewritten copies)")
+        command.add_argument("--pooling", choices=POOLINGS, default="layers",
+                             help="what the head reads: every layer's mean (layers, default) or the "
+                                  "sentence embedding (mean)")
     trainer = commands.choices["train"]
     trainer.add_argument("--out", type=Path, default=HEAD_PATH, help="default: the packaged head")
     evaluator = commands.choices["eval"]

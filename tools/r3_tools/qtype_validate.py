@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from r3_service.engine.backends import rule_params
-from r3_service.models.embedding import EmbeddingModel
+from r3_service.models.embedding import EmbeddingModel, Pooling
 from r3_service.qtype.base import split_query
 from r3_service.qtype.learned import LinearHead
 from r3_service.rule.querytypes import QueryType
@@ -33,14 +33,18 @@ RELIABILITY_BINS = 10
 
 
 class TextEmbedder:
-    """Embeddings through one model, each distinct text embedded once (variants, augmentations
-    and references repeat)."""
+    """Embeddings through one view of a model, each distinct text embedded once (variants,
+    augmentations and references repeat)."""
 
-    def __init__(self, model: EmbeddingModel) -> None:
-        self.model = model
+    def __init__(self, model: EmbeddingModel, pooling: Pooling = "mean") -> None:
+        self.model = model.view(pooling)
+        self.pooling = pooling
         self.name = model.info.model
         self.normalize = model.info.normalize
         self._rows: dict[str, torch.Tensor] = {}
+
+    def view(self, pooling: Pooling) -> TextEmbedder:
+        return self if pooling == self.pooling else TextEmbedder(self.model, pooling)
 
     def __call__(self, texts: Sequence[str]) -> torch.Tensor:
         missing = [text for text in dict.fromkeys(texts) if text not in self._rows]
@@ -60,6 +64,7 @@ class Recipe:
     l2: float
     min_count: int = 1
     augment: bool = True
+    pooling: Pooling = "layers"
 
 
 def augmented(queries: Sequence[str], targets: torch.Tensor) -> tuple[list[str], torch.Tensor]:
@@ -76,8 +81,9 @@ def augmented(queries: Sequence[str], targets: torch.Tensor) -> tuple[list[str],
 def fit_recipe(queries: Sequence[str], targets: torch.Tensor, embed: TextEmbedder, recipe: Recipe,
                meta: dict[str, object] | None = None) -> LinearHead:
     texts, labels = augmented(queries, targets) if recipe.augment else (list(queries), targets)
+    embed = embed.view(recipe.pooling)
     return fit_head(texts, labels, embed(texts), model=embed.name, l2=recipe.l2,
-                    min_count=recipe.min_count, meta=meta)
+                    min_count=recipe.min_count, meta=meta, pooling=recipe.pooling)
 
 
 def out_of_fold_logits(queries: Sequence[str], targets: torch.Tensor, folds: list[list[int]],
@@ -89,9 +95,10 @@ def out_of_fold_logits(queries: Sequence[str], targets: torch.Tensor, folds: lis
         held = set(fold)
         train = [i for i in range(len(queries)) if i not in held]
         head = fit_recipe([queries[i] for i in train], targets[train], embed, recipe)
+        view = embed.view(recipe.pooling)
         for variant in variants:
             texts = [VARIANTS[variant](queries[i]) for i in fold]
-            out[variant][fold] = head.logits(texts, embed(texts))
+            out[variant][fold] = head.logits(texts, view(texts))
     return out
 
 
@@ -118,13 +125,13 @@ def strict_accuracy(out: dict[str, torch.Tensor], targets: torch.Tensor) -> tupl
 
 
 def choose_recipe(queries: Sequence[str], targets: torch.Tensor, embed: TextEmbedder, l2s: Sequence[float],
-                  *, folds: int, min_count: int, augment: bool,
+                  *, folds: int, min_count: int, augment: bool, pooling: Pooling,
                   log: Callable[[str], None] = print) -> tuple[Recipe, float, float]:
     """(best recipe, its strict accuracy, its temperature) by grouped cross-validation."""
     split = grouped_folds(queries, folds)
     best: tuple[Recipe, float, float] | None = None
     for l2 in l2s:
-        recipe = Recipe(l2, min_count, augment)
+        recipe = Recipe(l2, min_count, augment, pooling)
         out = out_of_fold_logits(queries, targets, split, embed, recipe, STRICT_VARIANTS)
         mean, se = strict_accuracy(out, targets)
         log(f"  l2={l2:g}: strict accuracy {mean:.4f} ± {se:.4f}")
@@ -222,6 +229,7 @@ def soft_branch_errors(queries: Sequence[str], responses: Sequence[str], referen
                        bands: Sequence[tuple[float, float]] = SOFT_BANDS) -> list[BranchError]:
     """Reward error against the reward under the GPT-4 label: the hard branch (the classifier's
     type) and each band of the soft branch, through the service's own rule and parameters."""
+    embed = embed.view("mean")  # relevance reads the sentence embedding, whatever the head reads
     s_query = (embed(queries) * embed(responses)).sum(-1).tolist()
     s_reference = (embed(references) * embed(responses)).sum(-1).tolist()
     settings = Settings()

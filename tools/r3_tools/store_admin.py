@@ -130,7 +130,7 @@ async def classify_with(args: argparse.Namespace, records: Records,
     from r3_service.qtype import build_classifier  # torch: only here
     from r3_tools.heads import lazy_embedder
 
-    classifier = build_classifier(args.kind, embed=lazy_embedder(args.model, args.device),
+    classifier = build_classifier(args.kind, embed_for=lazy_embedder(args.model, args.device),
                                   model_name=args.model, llm_url=args.llm_url, llm_model=args.llm_model,
                                   llm_api_key=args.llm_api_key, timeout_s=args.timeout_s)
     try:

@@ -198,9 +198,9 @@ async def readyz(request: Request) -> JSONResponse:
     engine = getattr(request.app.state, "engine", None)
     if engine is None:
         return JSONResponse({"ready": False, "detail": "the model is still loading"}, 503)
-    return JSONResponse({"ready": True, "models": [{"model": m["model"], "device": m["device"]}
-                                                   for m in engine.models()],
-                         "store": engine.store.status()})
+    loaded = {(m["model"], m["device"]): None for m in engine.models()}  # views of one model: once
+    models = [{"model": model, "device": device} for model, device in loaded]
+    return JSONResponse({"ready": True, "models": models, "store": engine.store.status()})
 
 
 @router.get("/metrics", response_class=Response)

@@ -10,6 +10,7 @@ one scheduler (`ModelPool`).
 from __future__ import annotations
 
 from collections.abc import Awaitable, Sequence
+from typing import cast
 
 import torch
 
@@ -19,8 +20,9 @@ from r3_service.engine.observe import observe
 from r3_service.engine.pool import ModelPool, describe_model
 from r3_service.engine.resolve import RawItem, Resolver
 from r3_service.metrics import Metrics
+from r3_service.models.embedding import Pooling
 from r3_service.qtype import build_classifier
-from r3_service.qtype.base import QueryTypeClassifier
+from r3_service.qtype.base import Embed, QueryTypeClassifier
 from r3_service.qtype.llm import LlmClassifier
 from r3_service.rule.features import GENERIC_STOP_STRINGS
 from r3_service.rule.reward import Scored
@@ -58,19 +60,23 @@ class RewardEngine:
         return cls(settings, store, metrics)
 
     def _classifier(self) -> QueryTypeClassifier:
-        """The learned head reads the packaged MiniLM through its scheduler: shared with the R3
-        backends (batches and the embedding cache) when they use MiniLM too."""
+        """The learned head reads the packaged MiniLM through a scheduler of the pooling it was
+        trained on: the same loaded weights as the R3 backends that use MiniLM."""
         s = self.settings
-        embed = None
-        if s.qtype_classifier != "rules":  # `learned`, and `llm`'s fallback, read MiniLM
-            scheduler = self.pool.embedding(DEFAULT_MODEL, None)
+
+        def embed_for(pooling: str) -> Embed:
+            scheduler = self.pool.embedding(DEFAULT_MODEL, None, cast(Pooling, pooling))
             self._classifier_queues = (scheduler,)
 
             def embed(texts: list[str]) -> Awaitable[torch.Tensor]:
                 return scheduler.run(texts, [True] * len(texts))
 
+            return embed
+
+        # `learned`, and `llm`'s fallback, read MiniLM; `rules` never loads it.
         classifier = build_classifier(
-            s.qtype_classifier, embed=embed, model_name=DEFAULT_MODEL, llm_url=s.qtype_llm_url,
+            s.qtype_classifier, embed_for=embed_for if s.qtype_classifier != "rules" else None,
+            model_name=DEFAULT_MODEL, llm_url=s.qtype_llm_url,
             llm_model=s.qtype_llm_model, llm_api_key=s.qtype_llm_api_key, timeout_s=s.qtype_llm_timeout_s)
         if isinstance(classifier, LlmClassifier):
             self.metrics.watch_llm(classifier.stats)

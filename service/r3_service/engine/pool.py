@@ -11,7 +11,7 @@ from collections.abc import Callable
 from r3_service.engine.scheduler import BatchLimits, BatchScheduler
 from r3_service.metrics import Metrics
 from r3_service.models.base import BatchModel
-from r3_service.models.embedding import EmbeddingModel
+from r3_service.models.embedding import EmbeddingModel, Pooling
 from r3_service.models.reward_model import RewardModel
 from r3_service.settings import (
     CPU_BATCH_SIZE,
@@ -62,7 +62,8 @@ def describe_model(model: BatchModel) -> dict[str, object]:
     return {"model": info.model, "model_path": info.path, "device": info.device, "dtype": info.dtype,
             "compiled": info.compiled, "embedding_dim": info.dim, "normalize": info.normalize,
             "max_length": info.max_length,
-            "truncation": "left" if isinstance(model, EmbeddingModel) else "right"}
+            "truncation": "left" if isinstance(model, EmbeddingModel) else "right",
+            **({"pooling": model.pooling} if isinstance(model, EmbeddingModel) else {})}
 
 
 class ModelPool:
@@ -74,8 +75,14 @@ class ModelPool:
         self.schedulers: dict[tuple[object, ...], BatchScheduler] = {}
         metrics.queue_depth.set_function(lambda: sum(s.queued for s in self.schedulers.values()))
 
-    def embedding(self, name: str, normalize: bool | None) -> BatchScheduler:
+    def embedding(self, name: str, normalize: bool | None, pooling: Pooling = "mean") -> BatchScheduler:
+        """`mean`: the sentence embedding; another pooling is a view of the same loaded weights
+        behind a queue of its own (its rows are another width, so never the same batch)."""
         s = self.settings
+        if pooling != "mean":
+            base = self.embedding(name, normalize).model
+            assert isinstance(base, EmbeddingModel)
+            return self._shared(("embedding", name, normalize, pooling), lambda: base.view(pooling))
         return self._shared(("embedding", name, normalize), lambda: EmbeddingModel(
             name, normalize=normalize, device=s.device, dtype=s.dtype, compile=s.compile))
 

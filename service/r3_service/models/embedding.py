@@ -1,10 +1,19 @@
-"""The embedding model: a `transformers` encoder, mean pooling over real tokens, left truncation."""
+"""The embedding model: a `transformers` encoder, mean pooling over real tokens, left truncation.
+
+Two poolings of one forward pass: `mean` (the sentence embedding relevance uses) and `layers`
+(every layer's mean, each unit-normalised, side by side: what the query-type head reads, since the
+lower layers keep the form of a request, a question or an imperative, that the last one blurs).
+A `view` of a loaded model with another pooling shares its weights and tokenizer.
+"""
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
+from dataclasses import replace
 from pathlib import Path
+from typing import Literal
 
 import torch
 
@@ -13,6 +22,9 @@ from r3_service.models.base import ModelInfo, pad_right, pick_device, pick_dtype
 log = logging.getLogger(__name__)
 
 _HARD_MAX_LENGTH = 512
+
+Pooling = Literal["mean", "layers"]
+POOLINGS: tuple[Pooling, ...] = ("mean", "layers")
 
 
 def _local_file(model_path: str, name: str) -> Path | None:
@@ -61,6 +73,7 @@ class EmbeddingModel:
         self.normalize = st_normalises if normalize is None else normalize
         self.max_length = st_max_length or min(self.tokenizer.model_max_length, _HARD_MAX_LENGTH)
         self.batch_size = batch_size
+        self.pooling: Pooling = "mean"
         self.info = ModelInfo(
             model=model, path=path, normalize=self.normalize, max_length=self.max_length,
             dim=int(self.model.config.hidden_size), device=str(self.device),
@@ -72,6 +85,20 @@ class EmbeddingModel:
             self.forward(self.tokenize(["warm-up text for the compiler", "a second, longer warm-up text"]))
         log.info("embedding model %s on %s, %s (max_length=%d, normalize=%s)",
                  model, self.device, self.info.dtype, self.max_length, self.normalize)
+
+    def view(self, pooling: Pooling) -> EmbeddingModel:
+        """This model with another pooling: the same weights and tokenizer, a wider row for
+        `layers` (hidden size × layers)."""
+        if pooling not in POOLINGS:
+            raise ValueError(f"unknown pooling {pooling!r}; valid: {', '.join(POOLINGS)}")
+        if pooling == self.pooling:
+            return self
+        other = copy.copy(self)
+        other.pooling = pooling
+        hidden = int(self.model.config.hidden_size)
+        layers = int(self.model.config.num_hidden_layers)
+        other.info = replace(self.info, dim=hidden * layers if pooling == "layers" else hidden)
+        return other
 
     def tokenize(self, texts: list[str]) -> list[list[int]]:
         """Token ids with special tokens, cut on the left to the model's limit."""
@@ -87,9 +114,12 @@ class EmbeddingModel:
             ids, mask = ids.pin_memory(), mask.pin_memory()
         ids = ids.to(self.device, non_blocking=True)
         mask = mask.to(self.device, non_blocking=True)
-        hidden = self.model(input_ids=ids, attention_mask=mask).last_hidden_state.float()
         weights = mask.unsqueeze(-1).float()
-        pooled = (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1.0)
+        if self.pooling == "layers":
+            states = self.model(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states
+            means = [_mean(state.float(), weights) for state in states[1:]]  # [0] is the input embedding
+            return torch.cat([torch.nn.functional.normalize(m, dim=-1) for m in means], dim=-1).cpu()
+        pooled = _mean(self.model(input_ids=ids, attention_mask=mask).last_hidden_state.float(), weights)
         if self.normalize:
             pooled = torch.nn.functional.normalize(pooled, dim=-1)
         return pooled.cpu()
@@ -103,3 +133,8 @@ class EmbeddingModel:
             chunk = order[start : start + self.batch_size]
             out[chunk] = self.forward([sequences[i] for i in chunk])
         return out
+
+
+def _mean(states: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Mean over real tokens: (batch, tokens, dim) → (batch, dim)."""
+    return (states * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1.0)

@@ -17,6 +17,8 @@ from r3_service.rule.querytypes import QueryType
 INPUT_MARKER = "### Input:"
 
 Embed = Callable[[list[str]], Awaitable[torch.Tensor]]
+# An Embed of the service's model for a pooling (`mean`, `layers`: see models.embedding).
+EmbedFor = Callable[[str], Embed]
 
 
 class Label(NamedTuple):

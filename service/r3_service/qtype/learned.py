@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from r3_service.qtype.base import BaseClassifier, Embed, Label, short_hash, split_query
+from r3_service.qtype.base import BaseClassifier, EmbedFor, Label, short_hash, split_query
 from r3_service.rule.features import collapse_whitespace
 
 HEAD_PATH = Path(__file__).with_name("qtype_head.json")
@@ -48,6 +48,7 @@ class LinearHead:
     bias: float
     meta: dict[str, object] = field(default_factory=dict)  # how it was trained and how well it did
     temperature: float = 1.0
+    pooling: str = "mean"  # which view of the model's forward pass it reads (models.embedding)
 
     def __post_init__(self) -> None:
         if not self.temperature > 0:
@@ -77,7 +78,7 @@ class LinearHead:
     def to_json(self) -> str:
         return json.dumps({
             "format": HEAD_FORMAT, "model": self.model, "bias": round(self.bias, 6),
-            "temperature": round(self.temperature, 6),
+            "temperature": round(self.temperature, 6), "pooling": self.pooling,
             "embedding_weights": [round(w, 6) for w in self.embedding_weights.tolist()],
             "lexical_weights": {k: round(v, 6) for k, v in sorted(self.lexical_weights.items())},
             "meta": self.meta,
@@ -94,7 +95,8 @@ class LinearHead:
         return cls(model=data["model"], bias=float(data["bias"]),
                    embedding_weights=torch.tensor(data["embedding_weights"], dtype=torch.float32),
                    lexical_weights={k: float(v) for k, v in data["lexical_weights"].items()},
-                   meta=data.get("meta", {}), temperature=float(data.get("temperature", 1.0)))
+                   meta=data.get("meta", {}), temperature=float(data.get("temperature", 1.0)),
+                   pooling=str(data.get("pooling", "mean")))
 
 
 class HeadMismatch(ValueError):
@@ -102,18 +104,20 @@ class HeadMismatch(ValueError):
 
 
 class LearnedClassifier(BaseClassifier):
-    """The packaged head on embeddings from `embed` (in the service: the batching scheduler, so
-    classification shares batches and the embedding cache with reward scoring)."""
+    """The packaged head on embeddings from `embed_for(head.pooling)`: in the service, a batching
+    scheduler over the service's model (the `layers` view has a queue of its own, so new queries
+    are classified in batches across concurrent requests; a `mean` head would share batches and
+    the embedding cache with reward scoring)."""
 
     name = "learned"
 
-    def __init__(self, embed: Embed, model_name: str, head: LinearHead | None = None) -> None:
+    def __init__(self, embed_for: EmbedFor, model_name: str, head: LinearHead | None = None) -> None:
         self.head = head if head is not None else LinearHead.load()
         if self.head.model != model_name:
             raise HeadMismatch(f"the query-type head was trained on embeddings of {self.head.model!r}, "
                                f"but the service runs {model_name!r}; retrain it with "
                                f"`r3-qtypes train DATA --model {model_name}`")
-        self.embed = embed
+        self.embed = embed_for(self.head.pooling)
         self.version = self.head.version
 
     async def label(self, queries: Sequence[str]) -> list[Label]:
