@@ -1,5 +1,6 @@
-"""`learned` (the default): a linear head on the service's own sentence embedding plus lexical
-features, shipped in the package (`qtype_head.json`, trained by `r3-qtypes train`)."""
+"""`learned` (the default): a linear head on the service's own model (the mean of every layer's
+token states) plus lexical features, with a fitted temperature for calibrated probabilities;
+shipped in the package (`qtype_head.json`, trained by `r3-qtypes train`)."""
 
 from __future__ import annotations
 
