@@ -307,6 +307,21 @@ def parse_reward_response(response: ResponseLike, expected: int, return_componen
     return ChunkResult(rewards, components, backend)
 
 
+def parse_get_reward_response(response: ResponseLike, expected: int) -> dict[str, Any]:
+    """Validate a `/get_reward` answer (OpenRLHF's contract): rewards, scores and per-sample
+    extra_logs, each as long as the batch."""
+    body = _decode_json(response, "POST /get_reward")
+    try:
+        rewards = [float(r) for r in body["rewards"]]
+        scores = [float(r) for r in body.get("scores", rewards)]
+        logs = {str(k): [float(v) for v in values] for k, values in (body.get("extra_logs") or {}).items()}
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise R3ClientError(f"r3 POST /get_reward: malformed response: {exc!r}") from None
+    if not len(rewards) == len(scores) == expected or any(len(v) != expected for v in logs.values()):
+        raise R3ClientError(f"r3 POST /get_reward: sent {expected} queries, got {len(rewards)} rewards")
+    return {"rewards": rewards, "scores": scores, "extra_logs": logs}
+
+
 @dataclass(frozen=True)
 class ScorePlan:
     """The flows of one `score` call (one per chunk) and how to merge their results."""
@@ -337,6 +352,7 @@ class ClientOptions(TypedDict, total=False):
     max_backoff: float
     chunk_size: int
     api_key: str | None
+    deadline: float | None
 
 
 class ClientBase(Generic[_H]):
@@ -345,7 +361,9 @@ class ClientBase(Generic[_H]):
     Options: `timeout` (seconds per attempt; only applied to the HTTP client made here),
     `max_retries` (extra attempts after the first on retryable failures), `backoff` /
     `max_backoff` (first and largest wait, seconds), `chunk_size` (items per request),
-    `api_key` (sent as a Bearer token), `http_client` (your own pooled client; not closed by us).
+    `api_key` (sent as a Bearer token), `http_client` (your own pooled client; not closed by us),
+    `deadline` (seconds for all attempts of one request together: no retry is started that would
+    sleep past it; None: only `max_retries` bounds them).
     """
 
     def __init__(
@@ -360,9 +378,13 @@ class ClientBase(Generic[_H]):
         max_backoff: float = 20.0,
         chunk_size: int = 512,
         api_key: str | None = None,
+        deadline: float | None = None,
     ) -> None:
         if chunk_size < 1:
             raise ValueError("chunk_size must be >= 1")
+        if deadline is not None and not deadline > 0:
+            raise ValueError("deadline must be > 0 seconds (or None)")
+        self.deadline = deadline
         self.base_url = base_url.rstrip("/")
         self.chunk_size = chunk_size
         self.retry_policy = RetryPolicy(max_retries, backoff, max_backoff)
@@ -393,32 +415,48 @@ class ClientBase(Generic[_H]):
     def _call(self, request: Request, parse: Callable[[ResponseLike], _T]) -> Flow[_T]:
         """Send `request` until it succeeds or the policy gives up, then parse the answer."""
         policy = self.retry_policy
+        started = time.monotonic()
         attempt = 0
         while True:
             attempt += 1
             outcome: Outcome = yield request
             if isinstance(outcome, httpx.TransportError):
                 retry = isinstance(outcome, RETRY_TRANSPORT_ERRORS)
-                if not retry or attempt > policy.max_retries:
+                wait = policy.delay(attempt)
+                late = self._past_deadline(started, wait)
+                if not retry or attempt > policy.max_retries or late:
                     raise R3ClientError(
-                        f"r3 {request.method} {request.url} failed after {_attempts(attempt)}: "
+                        f"r3 {request.method} {request.url} failed after {_attempts(attempt)}{late}: "
                         f"{type(outcome).__name__}: {outcome}"
                     ) from outcome
-                yield Sleep(policy.delay(attempt))
+                yield Sleep(wait)
                 continue
             status = outcome.status_code
             if 200 <= status < 300:
                 return parse(outcome)
-            if status not in RETRY_STATUSES or attempt > policy.max_retries:
+            retry_after = parse_retry_after(outcome.headers.get("retry-after"))
+            wait = policy.delay(attempt, retry_after)
+            late = self._past_deadline(started, wait) if status in RETRY_STATUSES else ""
+            if status not in RETRY_STATUSES or attempt > policy.max_retries or late:
+                detail = error_detail(outcome)
                 raise R3HTTPError(
                     status,
-                    error_detail(outcome),
+                    f"{detail}{late}" if late else detail,
                     method=request.method,
                     url=request.url,
                     attempts=attempt,
                 )
-            retry_after = parse_retry_after(outcome.headers.get("retry-after"))
-            yield Sleep(policy.delay(attempt, retry_after))
+            yield Sleep(wait)
+
+    def _past_deadline(self, started: float, wait: float) -> str:
+        """Why no retry after `wait` more seconds fits the deadline; "" when one does."""
+        if self.deadline is None:
+            return ""
+        elapsed = time.monotonic() - started
+        if elapsed + wait <= self.deadline:
+            return ""
+        return (f" (gave up after {elapsed:.1f}s: a retry in {wait:.1f}s would pass the "
+                f"{self.deadline:g}s deadline)")
 
     def _score_plan(self, items: Items, backend: str | None, return_components: bool) -> ScorePlan:
         normalised = [item_payload(to_item(item, i)) for i, item in enumerate(items)]
@@ -429,6 +467,19 @@ class ClientBase(Generic[_H]):
             parse = partial(parse_reward_response, expected=len(chunk), return_components=return_components)
             flows.append(self._call(self._request("POST", "/reward", body), parse))
         return ScorePlan(flows, return_components, backend)
+
+    def _get_reward_flow(
+        self, queries: Sequence[str], prompts: Sequence[str] | None, labels: Sequence[Any] | None,
+        backend: str | None,
+    ) -> Flow[dict[str, Any]]:
+        """One `/get_reward` request for the whole batch (the service splits prompt and response)."""
+        body: dict[str, Any] = {"query": list(queries), "backend": backend}
+        if prompts is not None:
+            body["prompts"] = list(prompts)
+        if labels is not None:
+            body["labels"] = list(labels)
+        parse = partial(parse_get_reward_response, expected=len(body["query"]))
+        return self._call(self._request("POST", "/get_reward", body), parse)
 
     def _info_flow(self) -> Flow[dict[str, Any]]:
         def parse(response: ResponseLike) -> dict[str, Any]:

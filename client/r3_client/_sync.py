@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, Literal, TypeVar, overload
 
 import httpx
@@ -49,6 +49,19 @@ class RewardClient(ClientBase[httpx.Client]):
         """Rewards in item order (or a `_core.ScoredBatch`); no request at all for empty `items`."""
         plan = self._score_plan(items, backend, return_components)
         return plan.merge(self._run(flow) for flow in plan.flows)
+
+    def get_reward(
+        self,
+        queries: Sequence[str],
+        prompts: Sequence[str] | None = None,
+        labels: Sequence[Any] | None = None,
+        *,
+        backend: str | None = None,
+    ) -> dict[str, Any]:
+        """OpenRLHF's `/get_reward` in one request: queries are prompt + response full texts,
+        prompts their prefixes, labels reference strings or {"reference", "query_type"} objects;
+        returns {"rewards", "scores", "extra_logs"} as lists of floats."""
+        return self._run(self._get_reward_flow(queries, prompts, labels, backend))
 
     def info(self) -> dict[str, Any]:
         """The service's `/v1/info` (backends, model, limits...)."""

@@ -16,7 +16,7 @@ from r3_service.engine.engine import RewardEngine
 from r3_service.engine.scheduler import QueueFull
 from r3_service.metrics import Metrics
 
-ENDPOINTS = {"/reward", "/get_reward", "/healthz", "/readyz", "/metrics", "/v1/info"}
+ENDPOINTS = {"/reward", "/get_reward", "/slime", "/healthz", "/readyz", "/metrics", "/v1/info"}
 
 
 class Observe:
@@ -136,7 +136,7 @@ class BodyLimit:
         return f"request body exceeds the limit of {self.max_bytes} bytes (R3_MAX_BODY_BYTES)"
 
 
-SCORING_PATHS = {"/reward", "/get_reward"}
+SCORING_PATHS = {"/reward", "/get_reward", "/slime"}
 
 
 def body_size(scope: Scope) -> BodySize | None:

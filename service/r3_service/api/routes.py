@@ -7,10 +7,11 @@ import asyncio
 from collections.abc import Awaitable
 from typing import Annotated, TypeVar
 
-from fastapi import APIRouter, Depends, HTTPException, Request, Response
+from fastapi import APIRouter, Depends, HTTPException, Query, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from r3_service.api import slime
 from r3_service.api.openrlhf import SampleError, to_raw_items
 from r3_service.api.schemas import (
     Components,
@@ -19,6 +20,8 @@ from r3_service.api.schemas import (
     GetRewardResponse,
     RewardRequest,
     RewardResponse,
+    SlimeRequest,
+    SlimeReward,
 )
 from r3_service.engine.backends import RewardBackend
 from r3_service.engine.engine import RewardEngine, UnknownBackend
@@ -184,6 +187,26 @@ async def get_reward(body: GetRewardRequest, request: Request, engine: EngineDep
     rewards = [r.reward for r in results]
     return GetRewardResponse(rewards=rewards, scores=rewards,
                              extra_logs=extra_logs(results, backend.uses_relevance))
+
+
+@router.post("/slime", response_model=float | SlimeReward, responses=ERRORS)
+async def slime_reward(
+    body: SlimeRequest, request: Request, engine: EngineDep, settings: SettingsDep, metrics: MetricsDep,
+    backend: Annotated[str | None, Query(description="Backend name (GET /v1/info lists them); "
+                                                     "default: the configured one.")] = None,
+    with_components: Annotated[bool, Query(alias="components", description=(
+        "Answer {reward, <components>} (slime: --reward-key reward) instead of a bare number."))] = False,
+) -> float | SlimeReward:
+    """slime's remote reward model: `--rm-type remote_rm --rm-url http://HOST:PORT/slime`; one
+    sample per request, answered with its reward as a bare JSON number."""
+    try:
+        slime.check_query_parameters(request.query_params.keys())
+    except slime.SlimeError as error:
+        raise HTTPException(422, str(error)) from None
+    check_limits(settings, 1, slime.texts(body))
+    chosen = backend_named(engine, backend)
+    [result] = await score(request, engine, metrics, [slime.to_raw_item(body)], chosen, "/slime")
+    return slime.answer(result.reward, components(result) if with_components else None)
 
 
 @router.get("/healthz")

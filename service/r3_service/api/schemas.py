@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import ast
+import json
+import math
 import re
 from typing import Annotated, Literal
 
@@ -121,6 +124,59 @@ class GetRewardResponse(BaseModel):
     rewards: list[float]
     scores: list[float]
     extra_logs: dict[str, list[float]]
+
+
+LABEL_KEYS = ("reference", "query_type")
+
+
+def label_object(text: str) -> dict | None:
+    """The `{reference, query_type}` object a label string encodes, as JSON or as a Python dict's
+    repr (what pandas makes of a JSONL object under slime's `dtype={"label": str}`); None when the
+    text is not such an object, so it is a reference."""
+    text = text.strip()
+    if not (text.startswith("{") and text.endswith("}")):
+        return None
+    for parse in (json.loads, ast.literal_eval):
+        try:
+            value = parse(text)
+        except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
+            continue
+        if isinstance(value, dict) and any(key in value for key in LABEL_KEYS):
+            return value
+    return None
+
+
+def _slime_label(value: object) -> object:
+    if isinstance(value, float) and math.isnan(value):  # pandas' missing value, sent as NaN
+        return None
+    if isinstance(value, str):
+        decoded = label_object(value)
+        return value if decoded is None else decoded
+    return value
+
+
+class SlimeRequest(BaseModel):
+    """slime's remote reward-model body (`--rm-type remote_rm`): one sample. slime has only ever
+    sent these three keys, so, like `/reward`, an unknown one is a 422 naming it."""
+
+    model_config = ConfigDict(**STRICT, json_schema_extra={"examples": [{
+        "prompt": "<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n",
+        "response": "2 + 2 = 4.",
+        "label": {"reference": "4", "query_type": "closed"},
+    }]})
+
+    prompt: Text = Field(description="The prompt as slime generated from it: chat template included "
+                                     "(removed here as `/get_reward` does)." + TEXT_NOTE)
+    response: Text = Field(description="The policy's response." + TEXT_NOTE)
+    label: Annotated[Text | Label | None, BeforeValidator(_slime_label)] = Field(
+        None, description="A reference string, {reference, query_type} (also as a JSON or Python-repr "
+                          "string of one, as slime's JSONL reader sends it), or null (NaN too).")
+
+
+class SlimeReward(Components):
+    """`?components=true`: the reward under `reward` (slime's `--reward-key reward`) and its parts."""
+
+    reward: float
 
 
 class ErrorResponse(BaseModel):
