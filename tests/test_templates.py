@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from r3_service.rule.templates import detect_template, extract_query, normalise_query
+from r3_service.rule.templates import TEMPLATES, detect_template, extract_query, normalise_query
 from r3_service.store.records import query_key
 
 CHATML = ("<|im_start|>system\nYou are helpful.<|im_end|>\n<|im_start|>user\nWhat is 2+2?<|im_end|>\n"
@@ -15,10 +15,17 @@ VICUNA = ("A chat between a curious user and an artificial intelligence assistan
 ALPACA = ("Below is an instruction that describes a task. Write a response.\n\n### Instruction:\n"
           "What is 2+2?\n\n### Response:\n")
 HH = "\n\nHuman: What is 2+2?\n\nAssistant:"
+# As each model's own tokenizer chat template renders them (add_generation_prompt=True).
+LLAMA3 = ("<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nCutting Knowledge Date: December "
+          "2023\n\nBe nice.<|eot_id|><|start_header_id|>user<|end_header_id|>\n\nWhat is 2+2?<|eot_id|>"
+          "<|start_header_id|>assistant<|end_header_id|>\n\n")
+GLM4 = "[gMASK]<sop><|system|>\nBe nice.<|user|>\nWhat is 2+2?<|assistant|>"
+DEEPSEEK = "<｜begin▁of▁sentence｜>Be nice.<｜User｜>What is 2+2?<｜Assistant｜>"
 
 
 @pytest.mark.parametrize("prompt,name", [
     (CHATML, "chatml"), (LLAMA2, "llama-2"), (VICUNA, "vicuna"), (ALPACA, "alpaca"), (HH, "anthropic-hh"),
+    (LLAMA3, "llama-3"), (GLM4, "glm-4"), (DEEPSEEK, "deepseek"), (DEEPSEEK + "<think>\n", "deepseek"),
 ])
 def test_each_template_yields_the_user_words(prompt: str, name: str) -> None:
     template = detect_template(prompt)
@@ -29,6 +36,8 @@ def test_each_template_yields_the_user_words(prompt: str, name: str) -> None:
 @pytest.mark.parametrize("prompt,response_marker", [
     (CHATML, "<|im_start|>assistant\n"), (LLAMA2, "[/INST]"), (VICUNA, "ASSISTANT:"),
     (ALPACA, "### Response:"), (HH, "\n\nAssistant:"),
+    (LLAMA3, "<|start_header_id|>assistant<|end_header_id|>"), (GLM4, "<|assistant|>"),
+    (DEEPSEEK, "<｜Assistant｜>"),
 ])
 def test_split_at_the_last_assistant_turn(prompt: str, response_marker: str) -> None:
     template = detect_template(prompt)
@@ -79,3 +88,17 @@ def test_stop_strings_are_the_role_prefixes() -> None:
     assert "[INST]" in detect_template(LLAMA2).stop_strings  # type: ignore[union-attr]
     assert "### Instruction:" in detect_template(ALPACA).stop_strings  # type: ignore[union-attr]
     assert "\n\nHuman:" in detect_template(HH).stop_strings  # type: ignore[union-attr]
+    assert "<|eot_id|>" in detect_template(LLAMA3).stop_strings  # type: ignore[union-attr]
+    assert "<|user|>" in detect_template(GLM4).stop_strings  # type: ignore[union-attr]
+    assert "<｜end▁of▁sentence｜>" in detect_template(DEEPSEEK).stop_strings  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize("name", ["llama-3", "glm-4", "deepseek"])
+def test_new_templates_round_trip_their_own_prompts(name: str) -> None:
+    template = TEMPLATES[name]
+    prompt = template.prompt("Name a colour.", system="Be brief.")
+    assert detect_template(prompt) is template and extract_query(prompt) == "Name a colour."
+    two_turns = template.render("Hi.", "Hello!") + template.prompt("Name a colour.", system="")
+    assert extract_query(two_turns) == "Hi. Name a colour."
+    split = template.split(prompt + "Red.")
+    assert split is not None and split[1].strip() == "Red."

@@ -1,8 +1,10 @@
 """Chat templates: find the user's words in a templated prompt and the role prefixes to stop at,
 and write a prompt in one (the trainer's rollouts), so each template's text lives only here.
 
-Trainers such as OpenRLHF hold only the templated text, but relevance must be computed on what
-the user asked (spec, "Queries inside chat templates").
+Trainers such as OpenRLHF and slime hold only the templated text, but relevance must be computed
+on what the user asked (spec, "Queries inside chat templates"). Besides the spec's templates:
+Llama 3, GLM-4 (`[gMASK]<sop><|system|>…<|user|>…<|assistant|>`) and DeepSeek-V3/R1
+(`<｜User｜>…<｜Assistant｜>`), the families RL frameworks such as slime train most.
 """
 
 from __future__ import annotations
@@ -72,6 +74,38 @@ TEMPLATES: dict[str, ChatTemplate] = {
             exchange="<|im_start|>user\n{query}<|im_end|>\n<|im_start|>assistant\n{response}<|im_end|>",
             prompt_format="{system}<|im_start|>user\n{query}<|im_end|>\n<|im_start|>assistant\n",
             system_block="<|im_start|>system\n{system}<|im_end|>\n",
+        ),
+        ChatTemplate(
+            name="llama-3",
+            detect=re.compile(r"<\|start_header_id\|>\s*user\s*<\|end_header_id\|>"),
+            user_turn=re.compile(r"<\|start_header_id\|>\s*user\s*<\|end_header_id\|>(.*?)"
+                                 r"(?=<\|eot_id\|>|<\|start_header_id\|>|$)", _S),
+            assistant_marker="<|start_header_id|>assistant<|end_header_id|>",
+            stop_strings=("<|eot_id|>", "<|start_header_id|>", "<|end_of_text|>"),
+            exchange="<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\n{query}<|eot_id|>"
+                     "<|start_header_id|>assistant<|end_header_id|>\n\n{response}<|eot_id|>",
+            prompt_format="<|begin_of_text|>{system}<|start_header_id|>user<|end_header_id|>\n\n{query}"
+                          "<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n",
+            system_block="<|start_header_id|>system<|end_header_id|>\n\n{system}<|eot_id|>",
+        ),
+        ChatTemplate(
+            name="glm-4",
+            detect=re.compile(r"<\|user\|>.*<\|assistant\|>", _S),
+            user_turn=re.compile(r"<\|user\|>(.*?)(?=<\|assistant\|>|<\|user\|>|<\|observation\|>|$)", _S),
+            assistant_marker="<|assistant|>",
+            stop_strings=("<|user|>", "<|observation|>", "<|endoftext|>", "<|assistant|>"),
+            exchange="[gMASK]<sop><|user|>\n{query}<|assistant|>\n{response}",
+            prompt_format="[gMASK]<sop>{system}<|user|>\n{query}<|assistant|>",
+            system_block="<|system|>\n{system}",
+        ),
+        ChatTemplate(
+            name="deepseek",
+            detect=re.compile(r"<｜User｜>"),
+            user_turn=re.compile(r"<｜User｜>(.*?)(?=<｜Assistant｜>|<｜User｜>|$)", _S),
+            assistant_marker="<｜Assistant｜>",
+            stop_strings=("<｜User｜>", "<｜end▁of▁sentence｜>", "<｜Assistant｜>"),
+            exchange="<｜begin▁of▁sentence｜><｜User｜>{query}<｜Assistant｜>{response}<｜end▁of▁sentence｜>",
+            prompt_format="<｜begin▁of▁sentence｜>{system}<｜User｜>{query}<｜Assistant｜>",
         ),
         ChatTemplate(
             name="llama-2",
