@@ -14,6 +14,7 @@ from fastapi.testclient import TestClient
 
 from r3_service.api.schemas import Components
 from r3_service.engine.admission import BodySize
+from r3_service.rule.templates import TEMPLATES
 
 CHATML_SYSTEM = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
 
@@ -69,6 +70,19 @@ def test_a_chatml_prompt_scores_as_its_plain_query(app_client: TestClient, syste
     ran_on = slime_reward(app_client, {
         "prompt": chatml("What is 2+2?", system), "label": label,
         "response": "2 + 2 = 4.<|im_end|>\n<|im_start|>user\nThanks! Now 3+3?"})
+    assert ran_on == pytest.approx(plain, abs=1e-6)
+
+
+@pytest.mark.parametrize("name", ["llama-3", "glm-4", "deepseek"])
+def test_the_templates_slime_models_use_score_as_the_plain_query(app_client: TestClient, name: str) -> None:
+    template = TEMPLATES[name]
+    label = {"reference": "The answer is 4.", "query_type": "closed"}
+    plain = slime_reward(app_client, {"prompt": "What is 2+2?", "response": "2 + 2 = 4.", "label": label})
+    prompt = template.prompt("What is 2+2?", system="You are a helpful assistant.")
+    templated = slime_reward(app_client, {"prompt": prompt, "response": "2 + 2 = 4.", "label": label})
+    assert templated == pytest.approx(plain, abs=1e-6)
+    ran_on = slime_reward(app_client, {"prompt": prompt, "label": label,
+                                       "response": "2 + 2 = 4." + template.stop_strings[0] + "Now 3+3?"})
     assert ran_on == pytest.approx(plain, abs=1e-6)
 
 
