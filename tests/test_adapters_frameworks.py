@@ -155,6 +155,7 @@ CALLS: dict[str, Callable[[str, pytest.MonkeyPatch], object]] = {
 }
 
 
+@pytest.mark.slow  # waits out a real Retry-After of one second per framework
 @pytest.mark.parametrize("framework", list(CALLS))
 def test_429_retry_after_is_waited_for_then_succeeds(
     framework: str, busy_once: tuple[str, list[float]], monkeypatch: pytest.MonkeyPatch
@@ -176,7 +177,7 @@ def test_429_retry_after_is_waited_for_then_succeeds(
 def test_service_down_raises_by_default(
     framework: str, down_url: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    monkeypatch.setenv("R3_DEADLINE_S", "0.5")
+    monkeypatch.setenv("R3_DEADLINE_S", "0.2")
     before = adapters.failure_count()
     started = time.monotonic()
     with caplog.at_level(logging.WARNING, logger="r3_client.adapters"), \
@@ -197,7 +198,7 @@ def test_service_down_raises_by_default(
 def test_service_down_with_on_failure_none_gives_no_reward(
     framework: str, down_url: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    monkeypatch.setenv("R3_DEADLINE_S", "0.5")
+    monkeypatch.setenv("R3_DEADLINE_S", "0.2")
     monkeypatch.setenv("R3_ON_FAILURE", "none")
     before = adapters.failure_count()
     with caplog.at_level(logging.WARNING, logger="r3_client.adapters"):

@@ -72,6 +72,7 @@ def test_layers_view_shares_the_weights_and_ends_with_the_sentence_embedding(emb
         embedding_model.view("max")
 
 
+@pytest.mark.slow  # builds a whole engine (both queues measured at start-up)
 def test_the_classifier_reads_its_view_through_a_queue_of_its_own(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("R3_DEVICE", "cpu")
     engine = RewardEngine.from_settings(Settings())
