@@ -423,7 +423,7 @@ class ClientBase(Generic[_H]):
             if isinstance(outcome, httpx.TransportError):
                 retry = isinstance(outcome, RETRY_TRANSPORT_ERRORS)
                 wait = policy.delay(attempt)
-                late = self._past_deadline(started, wait)
+                late = self._past_deadline(started, wait) if retry else ""
                 if not retry or attempt > policy.max_retries or late:
                     raise R3ClientError(
                         f"r3 {request.method} {request.url} failed after {_attempts(attempt)}{late}: "

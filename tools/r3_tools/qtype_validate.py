@@ -36,15 +36,20 @@ class TextEmbedder:
     """Embeddings through one view of a model, each distinct text embedded once (variants,
     augmentations and references repeat)."""
 
-    def __init__(self, model: EmbeddingModel, pooling: Pooling = "mean") -> None:
+    def __init__(self, model: EmbeddingModel, pooling: Pooling = "mean",
+                 views: dict[str, TextEmbedder] | None = None) -> None:
         self.model = model.view(pooling)
         self.pooling = pooling
         self.name = model.info.model
         self.normalize = model.info.normalize
         self._rows: dict[str, torch.Tensor] = {}
+        self._views = views if views is not None else {}  # every pooling's embedder, shared
+        self._views[pooling] = self
 
     def view(self, pooling: Pooling) -> TextEmbedder:
-        return self if pooling == self.pooling else TextEmbedder(self.model, pooling)
+        """The embedder of another pooling of the same model, made once: each fold and recipe
+        then reuses what the others embedded."""
+        return self._views.get(pooling) or TextEmbedder(self.model, pooling, self._views)
 
     def __call__(self, texts: Sequence[str]) -> torch.Tensor:
         missing = [text for text in dict.fromkeys(texts) if text not in self._rows]

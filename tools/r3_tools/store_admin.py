@@ -42,10 +42,7 @@ def write_records(client: redis.Redis, records: list[tuple[str, QueryRecord]]) -
                 key = query_key(query)
                 keys.add(key)
                 pipe.hset(key, mapping=record_to_fields(query, record))
-                stale = stale_fields(record)
-                if record.query_type is not None and record.classified_by is None:
-                    stale.append(CLASSIFIED_BY_FIELD)
-                if stale:
+                if stale := stale_fields(record):
                     pipe.hdel(key, *stale)
             pipe.execute()
     return len(keys)

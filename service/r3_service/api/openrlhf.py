@@ -38,14 +38,21 @@ def to_raw_items(request: GetRewardRequest) -> list[RawItem]:
         prompt = request.prompts[index] if request.prompts is not None else None
         prompt, response = split_sample(text, prompt, index)
         label = request.labels[index] if request.labels is not None else None
-        if isinstance(label, str):
-            label = Label(reference=label)
-        template = detect_template(prompt)
-        items.append(RawItem(
-            query=prompt,  # the engine removes the template, once
-            response=response,
-            reference=label.reference if label else None,
-            query_type=label.query_type if label else None,
-            stop_strings=template.stop_strings if template else (),
-        ))
+        items.append(templated_item(prompt, response, label))
     return items
+
+
+def templated_item(prompt: str, response: str, label: str | Label | None) -> RawItem:
+    """An item from a templated prompt, its response and a label (a reference string or
+    {reference, query_type}): the engine removes the template, once; the response is cut at the
+    template's role prefixes. Shared by `/get_reward` and `/slime`."""
+    if isinstance(label, str):
+        label = Label(reference=label)
+    template = detect_template(prompt)
+    return RawItem(
+        query=prompt,
+        response=response,
+        reference=label.reference if label else None,
+        query_type=label.query_type if label else None,
+        stop_strings=template.stop_strings if template else (),
+    )

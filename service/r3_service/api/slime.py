@@ -33,9 +33,9 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from r3_service.api.schemas import Components, Label, SlimeRequest, SlimeReward
+from r3_service.api.openrlhf import templated_item
+from r3_service.api.schemas import Components, SlimeRequest, SlimeReward
 from r3_service.engine.resolve import RawItem
-from r3_service.rule.templates import detect_template
 
 QUERY_PARAMETERS = ("backend", "components")
 
@@ -52,27 +52,15 @@ def check_query_parameters(names: Iterable[str]) -> None:
                          f"{' and '.join(QUERY_PARAMETERS)}")
 
 
-def label_of(request: SlimeRequest) -> Label | None:
-    return Label(reference=request.label) if isinstance(request.label, str) else request.label
-
-
 def texts(request: SlimeRequest) -> dict[str, str | None]:
     """The texts to hold to the length limit, by field name."""
-    label = label_of(request)
-    return {"prompt": request.prompt, "response": request.response,
-            "label": label.reference if label else None}
+    label = request.label
+    reference = label if isinstance(label, str) else label.reference if label else None
+    return {"prompt": request.prompt, "response": request.response, "label": reference}
 
 
 def to_raw_item(request: SlimeRequest) -> RawItem:
-    label = label_of(request)
-    template = detect_template(request.prompt)
-    return RawItem(
-        query=request.prompt,  # the engine removes the template, once
-        response=request.response,
-        reference=label.reference if label else None,
-        query_type=label.query_type if label else None,
-        stop_strings=template.stop_strings if template else (),
-    )
+    return templated_item(request.prompt, request.response, request.label)
 
 
 def answer(reward: float, parts: Components | None) -> float | SlimeReward:

@@ -41,11 +41,13 @@ def record_to_fields(query: str, record: QueryRecord) -> dict[str, str]:
 
 
 def stale_fields(record: QueryRecord) -> list[str]:
-    """Fields to delete when `record` is written over an older one (HSET merges): a hard answer
-    must not inherit the probability of the classifier it replaces; a record without a type
-    (a reference only) leaves the stored type and its probability alone."""
-    hard = record.query_type is not None and record.open_probability is None
-    return [OPEN_PROBABILITY_FIELD] if hard else []
+    """Fields to delete when `record` is written over an older one (HSET merges): an authoritative
+    type drops the classifier id it replaces, a hard answer the probability; a record without a
+    type (a reference only) leaves the stored type, its id and its probability alone."""
+    if record.query_type is None:
+        return []
+    stale = [CLASSIFIED_BY_FIELD] if record.classified_by is None else []
+    return stale + ([OPEN_PROBABILITY_FIELD] if record.open_probability is None else [])
 
 
 def fields_to_record(query_type: str | None, reference: str | None, classified_by: str | None = None,
