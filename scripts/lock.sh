@@ -20,6 +20,7 @@ if [ "${1:-}" = "--keep" ]; then cp constraints.txt "$scratch/old.txt"; keep=(-c
     echo "# with this file (pip -c / PIP_CONSTRAINT). torch is pinned where it is installed (torch==2.13.0"
     echo "# first; the images' TORCH_SPEC). Resolved on Python $("$py" -c 'import platform; print(platform.python_version())')."
     echo "# Refresh: bash scripts/lock.sh"
-    "$py" -m pip freeze --exclude-editable | grep -vE '^(torch|r3-reward)[ =@]' | grep -v '^#'
+    # --all: setuptools too (the test extra builds the project's wheel with it); pip itself is not pinned.
+    "$py" -m pip freeze --all --exclude-editable | grep -vE '^(torch|r3-reward|pip)[ =@]' | grep -v '^#'
 } > constraints.txt
 echo "wrote constraints.txt ($(grep -vc '^#' constraints.txt) pins)"

@@ -39,5 +39,5 @@ fi
 
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 
-python -m ruff check service client trainer tests
+python -m ruff check service client trainer tools tests docker
 python -m pytest "$@"
