@@ -119,14 +119,14 @@ def test_dockerfile_essentials():
         assert ("USER", "10001:10001") in done, f"{target} runs as a non-root user"
         assert any(kw == "ENV" and "HF_HUB_OFFLINE=1" in args for kw, args in done), target
         copied_from = [args for kw, args in stages[target].instructions if kw == "COPY" and "--from=" in args]
-        assert copied_from == [f"--from={target}-build /opt/venv /opt/venv"], \
-            f"{target} takes the virtual environment alone from its build stage (no pip.conf, no wheels)"
+        expected = [f"--from={target}-deps /opt/venv /opt/venv", "--from=wheel /wheels /tmp/wheels"]
+        assert copied_from == expected, f"{target} takes only the environment and the wheel (no pip.conf)"
         assert lineage[0].parent == "${BASE_IMAGE}"
     service, trainer = stages["service"].instructions, stages["trainer"].instructions
     assert any(kw == "HEALTHCHECK" and "http://127.0.0.1:8000/healthz" in args for kw, args in service)
     assert ("CMD", '["r3-serve", "--host", "0.0.0.0", "--port", "8000"]') in service
     assert any(kw == "CMD" and args.startswith('["r3-train", "--config", ') for kw, args in trainer)
-    assert _args(stages["service-build"])["EXTRAS"] == "service"
+    assert _args(stages["service-deps"])["EXTRAS"] == _args(stages["service"])["EXTRAS"] == "service"
 
 
 # ---------------------------------------------------------------- each stage has the files it runs
@@ -230,7 +230,7 @@ def _key(req: Requirement) -> tuple[str, str, str]:
 def test_requirement_layers_read_only_what_their_stage_copied(tmp_path: Path):
     stages = _stages()
     runs = _requirement_runs(stages)
-    assert {stage for stage, *_ in runs} == {"deps", "trainer-build", "service-build"}
+    assert {stage for stage, *_ in runs} == {"deps", "trainer-deps", "service-deps"}
     for stage, index, workdir, extras in runs:
         root = tmp_path / stage / "root"
         _copied_files(stages, stage, root, upto=index)
@@ -264,8 +264,8 @@ def _commands(script: str) -> list[list[str]]:
 
 
 def _local_installs(stages: dict[str, Stage]) -> list[tuple[str, int, str, str]]:
-    """(stage, index, working directory, path) of every `pip install` of a folder of the image (the
-    project itself), whatever its options."""
+    """(stage, index, working directory, path) of every `pip install` or `pip wheel` of a folder of
+    the image (the project itself), whatever its options. Wheel files are another stage's product."""
     installs = []
     for stage in stages.values():
         workdir = next((a for s in _lineage(stages, stage.name) for kw, a in s.instructions
@@ -274,11 +274,13 @@ def _local_installs(stages: dict[str, Stage]) -> list[tuple[str, int, str, str]]
             if keyword != "RUN":
                 continue
             for words in _commands(args):
-                if "pip" not in " ".join(words[:1]) or words[1:2] != ["install"]:
+                if "pip" not in " ".join(words[:1]) or words[1:2] not in (["install"], ["wheel"]):
                     continue
-                takes_value = {"-r", "-c", "--index-url", "-i", "--find-links", "-f", "--extra-index-url"}
+                takes_value = {"-r", "-c", "--index-url", "-i", "--find-links", "-f", "--extra-index-url",
+                               "-w", "--wheel-dir"}
                 for before, word in itertools.pairwise(words[1:]):
-                    if before not in takes_value and word.startswith((".", "/")):
+                    folder = word.startswith((".", "/")) and not word.endswith(".whl")
+                    if folder and before not in takes_value:
                         installs.append((stage.name, index, workdir, re.sub(r"\[.*\]$", "", word)))
     return installs
 
@@ -314,7 +316,7 @@ def test_project_installs_from_the_files_its_stages_copied(tmp_path: Path):
         for package, patterns in setuptools["package-data"].items():
             for pattern in patterns:
                 assert f"{package}/{pattern}" in names, (stage, package, pattern)
-    assert {stage for stage, *_ in installs} == {"service-build", "trainer-build"}
+    assert {stage for stage, *_ in installs} == {"wheel"}
 
 
 def test_dockerignore_keeps_data_drops_the_rest():
