@@ -11,7 +11,7 @@ PORT=${PORT:-8777}
 RAY_PORT=${RAY_PORT:-6399}
 ARGS=(--concurrency 8,64 --items 1,64 --duration 8)
 export HF_HUB_OFFLINE=1 RAY_AUTH_MODE=disabled RAY_USAGE_STATS_ENABLED=0
-export R3_EMBEDDING_CACHE_SIZE=0 R3_MAX_QUEUE_ITEMS=1000000  # as r3-bench runs r3-serve
+export R3_EMBEDDING_CACHE_SIZE=0 R3_MAX_QUEUE_TOKENS=1000000000  # as r3-bench runs r3-serve
 
 SHAPES=${SHAPES:-"1x2 2x1"}  # replicas x CPUs each
 [ "${SKIP_BASELINE:-}" ] || r3-bench "${ARGS[@]}" --port "$PORT" --out "$OUT/ray-baseline-r3-serve"

@@ -34,7 +34,7 @@ DATA = ROOT / "data" / "alpacafarm_val.json"
 
 # Fixtures that start a real redis-server or r3-serve: a test using one (directly or through
 # another fixture) is `slow`. Tests that start processes themselves carry the mark by hand.
-SERVER_FIXTURES = {"redis_server", "service", "tight", "keyed", "flaky_service"}
+SERVER_FIXTURES = {"redis_server", "service", "tight", "keyed", "flaky_service", "fresh_service"}
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -174,7 +174,7 @@ def in_process(**settings: object) -> Iterator[TestClient]:
 
     from r3_service.api.app import create_app
 
-    with TestClient(create_app(app_settings(**{"max_queue_items": 4096, **settings}))) as client:
+    with TestClient(create_app(app_settings(**{"max_queue_tokens": 4096 * 64, **settings}))) as client:
         yield client
 
 

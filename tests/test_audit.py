@@ -319,7 +319,8 @@ def test_over_http_the_service_gives_the_in_process_rewards() -> None:
     with in_process(**settings) as client:
         remote, described = audit.score_over_http("http://testserver", ["li", "lppo"], chunks,
                                                   http_client=client)
-    local, _ = audit.score_in_process(app_settings(**settings, max_queue_items=4096), ["li", "lppo"], chunks)
+    local, _ = audit.score_in_process(app_settings(**settings, max_queue_tokens=2**18), ["li", "lppo"],
+                                      chunks)
     assert described["lppo"]["preset"] == "lppo"
     assert len(remote["li"]) == sum(map(len, chunks)) > 150
     for backend in ("li", "lppo"):

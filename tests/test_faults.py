@@ -50,7 +50,7 @@ def test_redis_killed_and_restarted_under_load_fails_no_request(tmp_path: Path) 
     assert run_loader("load", str(DATA), "--redis-url", own_redis.url).returncode == 0
     # A queue bound far above this load: overload is a fault of its own, tested below.
     proc = start_service(tmp_path, R3_REDIS_URL=own_redis.url, R3_REDIS_RETRY_S="0.5",
-                         R3_MAX_QUEUE_ITEMS="100000")
+                         R3_MAX_QUEUE_TOKENS="10000000")
     try:
         misses = metric(proc.url, 'r3_store_lookups_total{result="miss"}')
 
@@ -183,22 +183,30 @@ def long_pairs(count: int, tag: str) -> list[Pair]:
 
 
 def queue_bound(url: str) -> int:
-    return httpx.get(f"{url}/v1/info", timeout=10).json()["models"][0]["max_queue_items"]
+    return httpx.get(f"{url}/v1/info", timeout=10).json()["models"][0]["max_queue_tokens"]
 
 
-@pytest.mark.parametrize("bound", ["64", "measured"])
+def charged_tokens(pairs: list[Pair], max_length: int = 256) -> int:
+    """What admission charges for these pairs on the packaged model: each distinct text's words
+    plus its 2 special tokens, at most the model's length (an oracle of the documented rule)."""
+    texts = {text for pair in pairs for text in (pair.query, pair.response)}
+    return sum(min(max_length, 2 + len(text.split())) for text in texts)
+
+
+@pytest.mark.parametrize("bound", ["4096", "measured"])
 def test_overload_past_the_queue_is_refused_promptly_and_recovers(tmp_path: Path, bound: str) -> None:
     """Requests of 4 items (8 distinct texts) adding up to twice the queue bound, all within about
     0.2 s: the excess gets 429 with Retry-After at once, nothing times out, and the service then
     answers normally. Once with a bound set by hand, once with one measured at start-up (half a
     second of work, so that twice the bound is a burst of tens of requests on any device)."""
-    settings = {"R3_MAX_QUEUE_ITEMS": bound} if bound.isdigit() else {"R3_QUEUE_SECONDS": "0.5"}
+    settings = {"R3_MAX_QUEUE_TOKENS": bound} if bound.isdigit() else {"R3_QUEUE_SECONDS": "0.5"}
     proc = start_service(tmp_path, R3_MAX_BATCH_SIZE="8", R3_MAX_WAIT_MS="0", R3_EMBEDDING_CACHE_SIZE="0",
                          **settings)
     try:
         limit = queue_bound(proc.url)
-        assert 8 <= limit <= 4096, f"measured bound {limit} texts"
-        overload(proc.url, requests=max(4, 2 * limit // 8))
+        assert 512 <= limit <= 4096 * 64, f"measured bound {limit} tokens"
+        per_request = charged_tokens(long_pairs(4, "burst"))
+        overload(proc.url, requests=max(4, 2 * limit // per_request))
     finally:
         proc.stop()
 
@@ -223,7 +231,7 @@ def overload(url: str, requests: int) -> None:
 def test_clients_leaving_mid_request_under_load_leak_no_work(tmp_path: Path) -> None:
     """Four clients give up on 100-item requests after 0.5 s while others keep scoring: their queued
     texts are dropped (counted), the queue drains to empty and the other clients see no error."""
-    service = start_service(tmp_path, R3_MAX_QUEUE_ITEMS="100000", R3_EMBEDDING_CACHE_SIZE="0")
+    service = start_service(tmp_path, R3_MAX_QUEUE_TOKENS="10000000", R3_EMBEDDING_CACHE_SIZE="0")
     try:
         leave_mid_request(service)
     finally:

@@ -40,6 +40,7 @@ ITEMS = [
 
 KEY = "ray-test-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
+REPLICA_BOUND = 32_768  # tokens per replica: a few 64-item requests, far above the other tests' load
 
 
 @dataclass
@@ -77,7 +78,7 @@ def serve_config(port: int, **deployment: object) -> dict:
 def cluster(tmp_path_factory: pytest.TempPathFactory, redis_server: RedisServer) -> Iterator[RayCluster]:
     """Head + worker node, then `serve run` of the shipped config (2 replicas, one per node)."""
     tmp = tmp_path_factory.mktemp("ray")
-    env = ray_env(tmp, R3_REDIS_URL=redis_server.url, R3_MAX_QUEUE_ITEMS="4096", R3_API_KEYS=KEY)
+    env = ray_env(tmp, R3_REDIS_URL=redis_server.url, R3_MAX_QUEUE_TOKENS=str(REPLICA_BOUND), R3_API_KEYS=KEY)
     ray = [sys.executable, "-m", "ray.scripts.scripts"]
     port, http_port = free_port(), free_port()
     address = f"127.0.0.1:{port}"
@@ -189,6 +190,47 @@ def test_two_replicas_on_two_nodes_share_concurrent_load_and_metrics(cluster: Ra
               for line in metrics.splitlines() if line.startswith("r3_items_total{")}
     assert len(served) == 2, metrics  # both replicas' series, each labelled
     assert sum(served.values()) >= 32 and all(count > 0 for count in served.values())
+
+
+def test_a_burst_through_the_ray_ingress_is_admitted_per_replica(cluster: RayCluster) -> None:
+    """48 concurrent 64-item requests through Serve's proxy: each replica admits what fits its own
+    bound and refuses the rest at once (429 with Retry-After, before any admitted request is
+    answered); both replicas refuse some, and no request fails otherwise."""
+    import asyncio
+    import json
+
+    from conftest import DATA
+    from r3_tools.loadgen import make_pairs, post_plain
+
+    def rejections() -> dict[str, float]:
+        text = httpx.get(f"{cluster.url}/metrics", headers=AUTH, timeout=60).text
+        return {line.split('replica="', 1)[1].split('"', 1)[0]: float(line.rsplit(" ", 1)[1])
+                for line in text.splitlines() if line.startswith("r3_queue_rejections_total{")}
+
+    before = rejections()
+    pairs = make_pairs(DATA, 48 * 64, grouped=False)
+    items = [{**p.item(), "query": f"{p.query} [ray burst]"} for p in pairs]
+    bodies = [json.dumps({"items": items[i:i + 64]}).encode() for i in range(0, len(items), 64)]
+    started = time.perf_counter()
+
+    async def timed(body: bytes) -> tuple[int, float, dict[str, str]]:
+        status, headers = await post_plain(cluster.url, "/reward", body, headers=AUTH, timeout=180)
+        return status, time.perf_counter() - started, headers
+
+    async def burst() -> list[tuple[int, float, dict[str, str]]]:
+        return await asyncio.gather(*(timed(body) for body in bodies))
+
+    answers = asyncio.run(burst())
+    assert {status for status, _, _ in answers} == {200, 429}, sorted(s for s, _, _ in answers)
+    refused = [seconds for status, seconds, _ in answers if status == 429]
+    assert all(int(headers["retry-after"]) >= 1 for status, _, headers in answers if status == 429)
+    done = [seconds for status, seconds, _ in answers if status == 200]
+    assert len(refused) + len(done) == len(bodies)
+    assert max(refused) < min(done), (max(refused), min(done))
+    after = rejections()
+    per_replica = {replica: after[replica] - before.get(replica, 0.0) for replica in after}
+    assert len(per_replica) == 2 and all(count > 0 for count in per_replica.values()), per_replica
+    assert sum(per_replica.values()) == len(refused)
 
 
 @dataclass

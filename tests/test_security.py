@@ -7,6 +7,7 @@ stay open for orchestrators; everything else, /metrics, /openapi.json and /docs 
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import uuid
 from collections.abc import Iterator
@@ -68,6 +69,21 @@ def test_any_configured_key_opens_everything(keyed_app: TestClient, method: str,
         assert call(keyed_app, method, path, body, key).status_code == 200
 
 
+def basic(user: str, password: str) -> str:
+    return base64.b64encode(f"{user}:{password}".encode()).decode()
+
+
+def test_a_key_in_basic_credentials_opens_everything(keyed_app: TestClient) -> None:
+    """The key as the password (or as the user name alone): what an HTTP library sends for a URL
+    like `http://r3:KEY@HOST/slime`, for clients such as slime that send no headers of their own."""
+    slime_body = {"prompt": "Name a colour.", "response": "Red."}
+    for credentials in (basic("r3", KEYS[0]), basic(KEYS[1], ""), basic("", KEYS[0])):
+        assert call(keyed_app, "POST", "/slime", slime_body, credentials, "Basic").status_code == 200
+        assert call(keyed_app, "POST", "/reward", {"items": [ITEM]}, credentials, "Basic").status_code == 200
+    for credentials in (basic("r3", "wrong"), basic(KEYS[0][:-1], ""), basic("r3", ""), "%%%"):
+        assert call(keyed_app, "POST", "/slime", slime_body, credentials, "Basic").status_code == 401
+
+
 def test_health_and_readiness_stay_open_for_orchestrators(keyed_app: TestClient) -> None:
     assert keyed_app.get("/healthz").status_code == 200
     assert keyed_app.get("/readyz").status_code == 200
@@ -86,6 +102,32 @@ def test_client_and_load_generator_send_the_key(keyed: ServiceProcess) -> None:
     assert keyed_run.outcomes and keyed_run.errors == 0
     anonymous = asyncio.run(closed_loop(Target(keyed.url), workload, 2, 0.5))
     assert {o.status for o in anonymous.outcomes} == {401}
+
+
+def test_slime_authenticates_with_the_key_in_its_url_and_the_key_is_never_shown(
+        keyed: ServiceProcess) -> None:
+    """slime posts with aiohttp to `--rm-url` as given and sends no headers: with the key in the
+    URL's credentials it is scored (aiohttp sends them as `Authorization: Basic`), and the key
+    appears in neither the service's log, its metrics nor `/v1/info`."""
+    import aiohttp
+
+    host = keyed.url.removeprefix("http://")
+    body = {"prompt": "Name a colour.", "response": "Red.", "label": "Red"}
+
+    async def post(url: str) -> tuple[int, object]:
+        async with aiohttp.ClientSession() as session, session.post(url, json=body) as answer:
+            return answer.status, await answer.json()
+
+    status, reward = asyncio.run(post(f"http://r3:{KEYS[0]}@{host}/slime"))
+    assert status == 200 and isinstance(reward, float)
+    assert asyncio.run(post(f"http://r3:not-a-key@{host}/slime"))[0] == 401
+    assert asyncio.run(post(f"http://{host}/slime"))[0] == 401
+    shown = [httpx.get(f"{keyed.url}{path}", headers={"Authorization": f"Bearer {KEYS[1]}"}).text
+             for path in ("/metrics", "/v1/info")]
+    log = keyed.log.read_text()
+    assert "POST /slime" in log
+    for text in (*shown, log):
+        assert KEYS[0] not in text and basic("r3", KEYS[0]) not in text
 
 
 @pytest.mark.slow

@@ -27,7 +27,7 @@ def after_signal_ok(outcome: Outcome) -> bool:
 
 def test_sigterm_drains_in_flight_requests_and_refuses_new_ones(tmp_path: Path) -> None:
     # A queue bound far above this load, so every request before the signal is admitted.
-    proc = start_service(tmp_path, R3_EMBEDDING_CACHE_SIZE="0", R3_MAX_QUEUE_ITEMS="100000")
+    proc = start_service(tmp_path, R3_EMBEDDING_CACHE_SIZE="0", R3_MAX_QUEUE_TOKENS="10000000")
     heavy = Workload(parse_mix("8:0.7,64:0.3"), make_pairs(DATA, 1024, grouped=False))
     arrivals = Workload(parse_mix("1"), make_pairs(DATA, 256, grouped=True))
 

@@ -13,7 +13,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from r3_service.api.schemas import Components
-from r3_service.engine.admission import BodySize
+from r3_service.engine.resolve import RawItem
 from r3_service.rule.templates import TEMPLATES
 
 CHATML_SYSTEM = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
@@ -189,13 +189,14 @@ def test_over_the_length_limit_is_a_413_naming_the_field() -> None:
 
 def test_a_full_queue_is_a_429_with_retry_after(app_client: TestClient) -> None:
     engine = app_client.app.state.engine  # type: ignore[attr-defined]
-    hog = engine.admit_early(BodySize("/reward", 10**9))  # holds far more than the bound
+    texts = [f"text {i} " + "word " * 300 for i in range(2000)]  # each a model's full length of tokens
+    hog = engine.admit([RawItem("q", text) for text in texts], engine.backend(None))  # past the bound
     try:
         answer = app_client.post("/slime", json={"prompt": "a", "response": "b"})
     finally:
         hog.release()
     assert answer.status_code == 429 and int(answer.headers["Retry-After"]) >= 1
-    assert "R3_MAX_QUEUE_ITEMS" in answer.json()["detail"]
+    assert "R3_MAX_QUEUE_TOKENS" in answer.json()["detail"]
     assert app_client.post("/slime", json={"prompt": "a", "response": "b"}).status_code == 200
 
 

@@ -126,6 +126,9 @@ class Metrics:
                                        buckets=TOKEN_BUCKETS, registry=self.registry)
         self.queue_depth = Gauge("r3_queue_depth", "Distinct texts queued or computing",
                                  registry=self.registry)
+        self.admitted_tokens = Gauge("r3_admitted_tokens", "Tokens held by admitted requests in flight "
+                                     "(the queue bound's measure), summed over models",
+                                     registry=self.registry)
         self.queue_wait_seconds = Histogram("r3_queue_wait_seconds", "Time a text waits for its batch",
                                             buckets=WAIT_BUCKETS, registry=self.registry)
         self.compute_seconds = Histogram("r3_compute_seconds", "Forward pass time per batch",

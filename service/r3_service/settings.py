@@ -196,9 +196,13 @@ class Settings(BaseSettings):
     max_batch_size: int | None = Field(None, gt=0, description="Sequences per forward; "
                                        f"None = {GPU_BATCH_SIZE} on GPU, {CPU_BATCH_SIZE} on CPU.")
     max_wait_ms: float = Field(2.0, ge=0, description="How long an idle model waits for a fuller batch.")
+    max_queue_tokens: int | None = Field(
+        None, gt=0, description="Tokens admitted per model (requests in flight, each by a lower bound "
+                                "of the tokens it will embed); beyond it, 429. None = what the model "
+                                "clears in `queue_seconds`, measured at start-up.")
     max_queue_items: int | None = Field(
-        None, gt=0, description="Distinct texts queued per model; beyond it, 429. None = what the "
-                                "model clears in `queue_seconds`, measured at start-up.")
+        None, gt=0, description="Deprecated: the bound in texts of 64 tokens "
+                                "(read as `max_queue_tokens` = 64 × this).")
     queue_seconds: float = Field(60.0, gt=0, description="Work the measured queue bound holds: a third "
                                  "of the 180 s OpenRLHF and r3's client wait per try, half of slime's 120 s.")
     embedding_cache_size: int = Field(50_000, ge=0, description="Query/reference embeddings kept (LRU).")

@@ -271,7 +271,7 @@ def audit_settings(config: str | None) -> Any:
     from r3_service.settings import Settings
 
     settings = Settings(config=config) if config else Settings()
-    return settings.model_copy(update={"qtype_classifier": "none", "max_queue_items": 10**9})
+    return settings.model_copy(update={"qtype_classifier": "none", "max_queue_tokens": 10**12})
 
 
 Rewards = dict[str, dict[Key, float]]  # backend -> item -> reward

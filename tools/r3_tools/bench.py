@@ -250,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=int, default=8765)
     parser.add_argument("--url", help="measure the service already running here (e.g. a Ray Serve "
                                       "ingress started with R3_EMBEDDING_CACHE_SIZE=0 and "
-                                      "R3_MAX_QUEUE_ITEMS=1000000) instead of starting r3-serve")
+                                      "R3_MAX_QUEUE_TOKENS=1000000000) instead of starting r3-serve")
     parser.add_argument("--skip-http", action="store_true")
     parser.add_argument("--out", type=Path, default=Path("bench/results/latest"),
                         help="writes OUT.json and OUT.png")
@@ -262,9 +262,9 @@ def main(argv: list[str] | None = None) -> int:
         model_name = random_bert_base(Path(scratch)) if args.random_bert_base else args.model
         env = {"R3_MODEL": model_name, "R3_DEVICE": args.device, "R3_DTYPE": args.dtype,
                "R3_COMPILE": str(args.compile).lower(),
-               "R3_EMBEDDING_CACHE_SIZE": "0", "R3_MAX_QUEUE_ITEMS": "1000000"}
+               "R3_EMBEDDING_CACHE_SIZE": "0", "R3_MAX_QUEUE_TOKENS": str(10**9)}
         settings = Settings(model=model_name, device=args.device, dtype=args.dtype, compile=args.compile,
-                            embedding_cache_size=0, max_queue_items=1_000_000)
+                            embedding_cache_size=0, max_queue_tokens=10**9)
         model = EmbeddingModel(model_name, device=args.device, dtype="float32")
         device = str(model.device)
         results: list[Result] = []

@@ -3,18 +3,23 @@ EarlyAdmission. Pure ASGI, so a client's disconnect still reaches the routes."""
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hmac
 import time
 
 from fastapi import HTTPException
-from fastapi.responses import JSONResponse
-from starlette.datastructures import State
+from fastapi.responses import JSONResponse, Response
+from pydantic import ValidationError
+from starlette.datastructures import QueryParams, State
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from r3_service.engine.admission import BodySize
+from r3_service.api.routes import SCORING, Prepared
 from r3_service.engine.engine import RewardEngine
 from r3_service.engine.scheduler import QueueFull
 from r3_service.metrics import Metrics
+from r3_service.settings import Settings
 
 ENDPOINTS = {"/reward", "/get_reward", "/slime", "/healthz", "/readyz", "/metrics", "/v1/info"}
 
@@ -51,8 +56,12 @@ OPEN_PATHS = {"/healthz", "/readyz"}  # orchestrators' probes: no key, answered 
 
 
 class ApiKeys:
-    """401 unless `Authorization: Bearer KEY` names a configured key. Every key is compared in
-    constant time, so the answer's timing says nothing about how close a guess was."""
+    """401 unless `Authorization: Bearer KEY` names a configured key, or `Basic` credentials do
+    (the key as the password, or as the user name without one): a client that sends no headers
+    of its own, such as slime, puts the key in its URL (`http://r3:KEY@HOST:8000/slime`) and its
+    HTTP library sends it in this header, never in the request line that access logs print. Every
+    key is compared in constant time, so the answer's timing says nothing about how close a guess
+    was."""
 
     def __init__(self, app: ASGIApp, keys: list[str]) -> None:
         self.app = app
@@ -68,8 +77,23 @@ class ApiKeys:
 
     def _valid(self, scope: Scope) -> bool:
         scheme, _, token = dict(scope["headers"]).get(b"authorization", b"").partition(b" ")
-        matches = [hmac.compare_digest(token.strip(), key) for key in self.keys]  # no short cut
-        return scheme.lower() == b"bearer" and any(matches)
+        scheme, token = scheme.lower(), token.strip()
+        if scheme == b"basic":
+            token = basic_password(token)
+        elif scheme != b"bearer":
+            token = b""
+        matches = [hmac.compare_digest(token, key) for key in self.keys]  # no short cut
+        return bool(token) and any(matches)
+
+
+def basic_password(credentials: bytes) -> bytes:
+    """The password of `Basic` credentials (base64 of `user:password`), or the user name when the
+    password is empty (`http://KEY@HOST/`); b"" when they do not decode."""
+    try:
+        user, _, password = base64.b64decode(credentials, validate=True).partition(b":")
+    except (binascii.Error, ValueError):
+        return b""
+    return password or user
 
 
 class Draining:
@@ -136,26 +160,70 @@ class BodyLimit:
         return f"request body exceeds the limit of {self.max_bytes} bytes (R3_MAX_BODY_BYTES)"
 
 
-SCORING_PATHS = {"/reward", "/get_reward", "/slime"}
-
-
-def body_size(scope: Scope) -> BodySize | None:
-    """The declared size of a scoring request's body (None without a Content-Length)."""
-    declared = dict(scope["headers"]).get(b"content-length", b"")
-    return BodySize(scope["path"], int(declared)) if declared.isdigit() else None
-
-
 def too_busy(error: QueueFull) -> JSONResponse:
     return JSONResponse({"detail": str(error)}, status_code=429,
                         headers={"Retry-After": str(error.retry_after_s)})
 
 
+def sent_as_json(scope: Scope) -> bool:
+    """Whether FastAPI would read the body as JSON: no Content-Type, application/json or +json."""
+    declared = dict(scope["headers"]).get(b"content-type")
+    if declared is None:
+        return True
+    media = declared.split(b";", 1)[0].strip().lower()
+    return media == b"application/json" or (media.startswith(b"application/") and media.endswith(b"+json"))
+
+
+async def read_body(receive: Receive) -> bytes | None:
+    """The whole body (None if the client left while sending it)."""
+    chunks = []
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return None
+        chunks.append(message.get("body", b""))
+        if not message.get("more_body", False):
+            return b"".join(chunks)
+
+
+def replay(body: bytes, receive: Receive) -> Receive:
+    """`receive` that hands the route the body read already, then what the client sends next
+    (its disconnect, which the routes watch for)."""
+    pending = True
+
+    async def replayed() -> Message:
+        nonlocal pending
+        if pending:
+            pending = False
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return replayed
+
+
+def prepare(scope: Scope, body: bytes, engine: RewardEngine, settings: Settings) -> Prepared | None:
+    """The request as its route will score it, by the route's own steps (pydantic's JSON parser
+    and the route's model, its limits, its backend); None when the route must answer instead
+    (400, 413 or 422, exactly as without this middleware)."""
+    if not sent_as_json(scope):
+        return None
+    schema, prepare_route = SCORING[scope["path"]]
+    try:
+        request = schema.model_validate_json(body)
+        return prepare_route(request, engine, settings, QueryParams(scope["query_string"]))
+    except (ValidationError, StarletteHTTPException):
+        return None
+
+
 class EarlyAdmission:
-    """Admit a scoring request by its declared size before its body is read, or answer 429 at
-    once (`RewardEngine.admit_early`): under a burst, refusals cost no parsing and come back in
-    milliseconds, and requests still being read or parsed count against the queue bound. The
-    route swaps this admission for the exact one; it is released here in any case. A refused
-    connection closes, since its body was never read."""
+    """Admit a scoring request by its own work before its route runs, or answer 429 at once.
+
+    The body is read (BodyLimit bounds it), validated with the route's model by pydantic's JSON
+    parser, and admitted on its backend's model queues by the tokens its texts hold at least
+    (`RewardEngine.admit`): the decision depends on this request alone, and a refusal costs one
+    parse, no store lookup, classification or embedding. The route scores the prepared items
+    under this admission; a body the route would refuse (400, 413, 422) goes on to get that
+    answer. The admission is released here in any case."""
 
     def __init__(self, app: ASGIApp, state: State) -> None:
         self.app = app
@@ -163,20 +231,28 @@ class EarlyAdmission:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         engine: RewardEngine | None = getattr(self.state, "engine", None)
-        body = body_size(scope) if scope["type"] == "http" and scope["path"] in SCORING_PATHS else None
-        if engine is None or body is None:
+        if scope["type"] != "http" or engine is None or scope["path"] not in SCORING:
             await self.app(scope, receive, send)
             return
         try:
-            early = engine.admit_early(body)
-        except QueueFull as error:
-            response = too_busy(error)
-            response.headers["Connection"] = "close"
-            await response(scope, receive, send)
+            body = await read_body(receive)
+        except StarletteHTTPException as error:  # BodyLimit: over the limit while streaming
+            await JSONResponse({"detail": error.detail}, error.status_code)(scope, receive, send)
             return
-        # The route hands both to the engine: the size is read once, here.
-        scope.setdefault("state", {}).update(early_admission=early, body_size=body)
+        if body is None:  # the client left: counted as the routes count it (499), never delivered
+            await Response(status_code=499)(scope, receive, send)
+            return
+        prepared = prepare(scope, body, engine, self.state.settings)
+        admission = None
+        if prepared is not None:
+            try:
+                admission = engine.admit(prepared.items, prepared.backend)
+            except QueueFull as error:
+                await too_busy(error)(scope, receive, send)
+                return
+            scope.setdefault("state", {}).update(prepared=prepared, admission=admission)
         try:
-            await self.app(scope, receive, send)
+            await self.app(scope, replay(body, receive), send)
         finally:
-            early.release()
+            if admission is not None:
+                admission.release()

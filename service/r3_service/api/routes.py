@@ -4,12 +4,14 @@ the answer. The engine, settings and metrics come as dependencies from the app's
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable
-from typing import Annotated, TypeVar
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from typing import Annotated, Any, TypeVar
 
 from fastapi import APIRouter, Depends, HTTPException, Query, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import BaseModel
 
 from r3_service.api import slime
 from r3_service.api.openrlhf import SampleError, to_raw_items
@@ -130,14 +132,71 @@ def extra_logs(results: list[Scored], uses_relevance: bool) -> dict[str, list[fl
 
 
 
-async def score(request: Request, engine: RewardEngine, metrics: Metrics, items: list[RawItem],
-                backend: RewardBackend, endpoint: str) -> list[Scored]:
-    """Score on the engine, given up (499) if the client leaves first; counts the items."""
-    scoring = engine.score(items, backend, getattr(request.state, "body_size", None),
-                           getattr(request.state, "early_admission", None))
+@dataclass(frozen=True)
+class Prepared:
+    """A scoring request ready for the engine: its items and the backend that scores them."""
+
+    items: list[RawItem]
+    backend: RewardBackend
+
+
+Preparer = Callable[[Any, RewardEngine, Settings, Mapping[str, str]], Prepared]
+
+
+def prepare_reward(body: RewardRequest, engine: RewardEngine, settings: Settings,
+                   params: Mapping[str, str]) -> Prepared:
+    check_limits(settings, len(body.items), {
+        f"items[{i}].{field}": getattr(item, field)
+        for i, item in enumerate(body.items) for field in ("query", "response", "reference")
+    })
+    return Prepared(raw_items(body), backend_named(engine, body.backend))
+
+
+def prepare_get_reward(body: GetRewardRequest, engine: RewardEngine, settings: Settings,
+                       params: Mapping[str, str]) -> Prepared:
+    texts: dict[str, str | None] = {f"query[{i}]": q for i, q in enumerate(body.query)}
+    texts |= {f"prompts[{i}]": p for i, p in enumerate(body.prompts or [])}
+    texts |= {f"labels[{i}]": label if isinstance(label, str) else label and label.reference
+              for i, label in enumerate(body.labels or [])}
+    check_limits(settings, len(body.query), texts)
+    backend = backend_named(engine, body.backend)
+    try:
+        return Prepared(to_raw_items(body), backend)
+    except SampleError as error:
+        raise HTTPException(422, str(error)) from None
+
+
+def prepare_slime(body: SlimeRequest, engine: RewardEngine, settings: Settings,
+                  params: Mapping[str, str]) -> Prepared:
+    try:
+        slime.check_query_parameters(params.keys())
+    except slime.SlimeError as error:
+        raise HTTPException(422, str(error)) from None
+    check_limits(settings, 1, slime.texts(body))
+    return Prepared([slime.to_raw_item(body)], backend_named(engine, params.get("backend")))
+
+
+# Each scoring path: the model its body must validate as, and how it becomes engine items. The
+# admission middleware runs the same two steps before the route, to admit by the request's work.
+SCORING: dict[str, tuple[type[BaseModel], Preparer]] = {
+    "/reward": (RewardRequest, prepare_reward),
+    "/get_reward": (GetRewardRequest, prepare_get_reward),
+    "/slime": (SlimeRequest, prepare_slime),
+}
+
+
+async def score(request: Request, endpoint: str, body: BaseModel, engine: RewardEngine, settings: Settings,
+                metrics: Metrics) -> tuple[list[Scored], RewardBackend]:
+    """Score on the engine, given up (499) if the client leaves first; counts the items. The
+    middleware has prepared and admitted the request already, unless it was not valid JSON to
+    pydantic's own parser (then it is prepared here, and admitted by the engine)."""
+    prepared: Prepared | None = getattr(request.state, "prepared", None)
+    if prepared is None:
+        prepared = SCORING[endpoint][1](body, engine, settings, request.query_params)
+    scoring = engine.score(prepared.items, prepared.backend, getattr(request.state, "admission", None))
     results = await unless_disconnected(request, scoring)
-    metrics.items.labels(endpoint, backend.name).inc(len(items))
-    return results
+    metrics.items.labels(endpoint, prepared.backend.name).inc(len(prepared.items))
+    return results, prepared.backend
 
 
 def raw_items(request: RewardRequest) -> list[RawItem]:
@@ -156,13 +215,7 @@ def backend_named(engine: RewardEngine, name: str | None) -> RewardBackend:
 async def reward(body: RewardRequest, request: Request, engine: EngineDep, settings: SettingsDep,
                  metrics: MetricsDep) -> RewardResponse:
     """Score (query, response) items with R3; rewards come back in item order."""
-    check_limits(settings, len(body.items), {
-        f"items[{i}].{field}": getattr(item, field)
-        for i, item in enumerate(body.items) for field in ("query", "response", "reference")
-    })
-    backend = backend_named(engine, body.backend)
-    items = raw_items(body)
-    results = await score(request, engine, metrics, items, backend, "/reward")
+    results, backend = await score(request, "/reward", body, engine, settings, metrics)
     return RewardResponse(
         rewards=[r.reward for r in results], backend=backend.name,
         components=[components(r) for r in results] if body.return_components else None,
@@ -173,17 +226,7 @@ async def reward(body: RewardRequest, request: Request, engine: EngineDep, setti
 async def get_reward(body: GetRewardRequest, request: Request, engine: EngineDep, settings: SettingsDep,
                      metrics: MetricsDep) -> GetRewardResponse:
     """OpenRLHF remote reward model: `--remote_rm_url http://HOST:PORT/get_reward`."""
-    texts: dict[str, str | None] = {f"query[{i}]": q for i, q in enumerate(body.query)}
-    texts |= {f"prompts[{i}]": p for i, p in enumerate(body.prompts or [])}
-    texts |= {f"labels[{i}]": label if isinstance(label, str) else label and label.reference
-              for i, label in enumerate(body.labels or [])}
-    check_limits(settings, len(body.query), texts)
-    backend = backend_named(engine, body.backend)
-    try:
-        items = to_raw_items(body)
-    except SampleError as error:
-        raise HTTPException(422, str(error)) from None
-    results = await score(request, engine, metrics, items, backend, "/get_reward")
+    results, backend = await score(request, "/get_reward", body, engine, settings, metrics)
     rewards = [r.reward for r in results]
     return GetRewardResponse(rewards=rewards, scores=rewards,
                              extra_logs=extra_logs(results, backend.uses_relevance))
@@ -199,13 +242,8 @@ async def slime_reward(
 ) -> float | SlimeReward:
     """slime's remote reward model: `--rm-type remote_rm --rm-url http://HOST:PORT/slime`; one
     sample per request, answered with its reward as a bare JSON number."""
-    try:
-        slime.check_query_parameters(request.query_params.keys())
-    except slime.SlimeError as error:
-        raise HTTPException(422, str(error)) from None
-    check_limits(settings, 1, slime.texts(body))
-    chosen = backend_named(engine, backend)
-    [result] = await score(request, engine, metrics, [slime.to_raw_item(body)], chosen, "/slime")
+    # `backend` is declared for the schema; prepare_slime reads it from the query string.
+    [result], _ = await score(request, "/slime", body, engine, settings, metrics)
     return slime.answer(result.reward, components(result) if with_components else None)
 
 

@@ -23,8 +23,8 @@ _SURROGATE = re.compile("[\ud800-\udfff]")
 def replace_lone_surrogates(text: str) -> str:
     """JSON may escape half of a UTF-16 surrogate pair (`"\\ud800"`), which no encoder accepts:
     each such half becomes U+FFFD, as a decoder does with invalid bytes (a whole pair arrives
-    as one character and is kept)."""
-    return _SURROGATE.sub("\ufffd", text)
+    as one character and is kept). ASCII text, most of it, skips the search."""
+    return text if text.isascii() else _SURROGATE.sub("\ufffd", text)
 
 
 Text = Annotated[str, AfterValidator(replace_lone_surrogates)]

@@ -1,52 +1,42 @@
-"""Admission: a request holds the texts it will embed on every model queue it uses before any of
-its work starts, so the queue bound counts requests in flight and a refusal (429) costs nothing.
-Before its body is read, a scoring request is admitted on an estimate from its size."""
+"""Admission: before any of its work, a request holds on every model queue it uses the tokens it
+will embed there, and releases them once answered; a queue whose bound they would pass refuses it
+(429) at once. The count depends on the request alone: its distinct texts, each charged a lower
+bound of its tokens (its whitespace-separated words, the model's special tokens, the model's
+length), so a refusal never rests on more work than the request brings."""
 
 from __future__ import annotations
 
-from collections import deque
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 from r3_service.engine.resolve import RawItem
 from r3_service.engine.scheduler import BatchScheduler, QueueFull
 
-RECENT_REQUESTS = 64  # whose bytes per text estimate an unread body's texts
-PRIOR_BYTES_PER_TEXT = 1000.0  # before any request: a text of ~200 tokens, in JSON
-
 
 class Admission:
-    """Texts held on model queues for one request in flight; released once, however often asked."""
+    """Tokens held on model queues for one request in flight; released once, however often asked."""
 
-    def __init__(self, queues: Sequence[BatchScheduler], texts: int) -> None:
-        for index, queue in enumerate(queues):
+    def __init__(self, charges: Sequence[tuple[BatchScheduler, int]]) -> None:
+        for index, (queue, tokens) in enumerate(charges):
             try:
-                queue.hold(texts)
+                queue.hold(tokens)
             except QueueFull:
-                for held in queues[:index]:
-                    held.release(texts)
+                for held, taken in charges[:index]:
+                    held.release(taken)
                 raise
-        self._queues, self.texts = tuple(queues), texts
+        self._charges = tuple(charges)
+        self.tokens = max((tokens for _, tokens in charges), default=0)
 
     def release(self) -> None:
-        for queue in self._queues:
-            queue.release(self.texts)
-        self._queues = ()
+        for queue, tokens in self._charges:
+            queue.release(tokens)
+        self._charges = ()
 
 
-@dataclass(frozen=True)
-class BodySize:
-    """A request body's size in bytes (Content-Length) and the endpoint it was sent to."""
-
-    endpoint: str
-    size: int
-
-
-def demand(items: Sequence[RawItem]) -> int:
-    """The distinct texts a request will embed on each model it uses, estimated before any work:
-    every response, a closed query's reference, an open query's query, and both the query (to
-    classify it) and any reference when the type is not given. A reward model runs one pair per
-    item, no more than this."""
+def demand(items: Sequence[RawItem]) -> set[str]:
+    """The distinct texts a request may embed on each model it uses: every response, a closed
+    query's reference, an open query's query, and both the query (to classify it) and any
+    reference when the type is not given. A reward model reads each item's query and response
+    as one input, no fewer tokens than these texts hold."""
     texts: set[str] = set()
     for item in items:
         texts.add(item.response)
@@ -54,23 +44,10 @@ def demand(items: Sequence[RawItem]) -> int:
             texts.add(item.reference)
         if item.query_type != "closed" or not item.reference:
             texts.add(item.query)
-    return len(texts)
+    return texts
 
 
-class BodySizes:
-    """Bytes per text of each endpoint's recent requests, to estimate an unread body's texts.
-
-    The estimate is low on purpose, at the most bytes per text seen: held capacity or a refusal
-    never rests on a guess larger than the request (mixed traffic of short and long texts only
-    makes the estimate less useful)."""
-
-    def __init__(self) -> None:
-        self._recent: dict[str, deque[float]] = {}
-
-    def learn(self, body: BodySize, texts: int) -> None:
-        if texts:
-            self._recent.setdefault(body.endpoint, deque(maxlen=RECENT_REQUESTS)).append(body.size / texts)
-
-    def texts(self, body: BodySize) -> int:
-        recent = self._recent.get(body.endpoint)
-        return max(1, int(body.size / (max(recent) if recent else PRIOR_BYTES_PER_TEXT)))
+def admit(queues: Sequence[BatchScheduler], items: Sequence[RawItem]) -> Admission:
+    """Hold the request's tokens on every queue, or raise QueueFull holding none."""
+    words = [len(text.split()) for text in demand(items)]
+    return Admission([(queue, queue.charge(words)) for queue in queues])

@@ -14,8 +14,8 @@ from typing import cast
 
 import torch
 
-from r3_service.engine.admission import Admission, BodySize, BodySizes, demand
-from r3_service.engine.backends import Queues, RewardBackend, build_backends
+from r3_service.engine.admission import Admission, admit
+from r3_service.engine.backends import RewardBackend, build_backends
 from r3_service.engine.observe import observe
 from r3_service.engine.pool import ModelPool, describe_model
 from r3_service.engine.resolve import RawItem, Resolver
@@ -44,8 +44,6 @@ class RewardEngine:
         self.metrics.watch_store(store.stats)
         self.pool = ModelPool(settings, self.metrics)
         self.backends, self._queues = build_backends(settings, self.pool)
-        self._classifier_queues: Queues = ()
-        self._body_sizes = BodySizes()
         needed = any(backend.uses_query_type for backend in self.backends.values())
         self.classifier = self._classifier() if needed and settings.qtype_classifier != "none" else None
         template = TEMPLATES[settings.chat_template].stop_strings if settings.chat_template else ()
@@ -66,7 +64,6 @@ class RewardEngine:
 
         def embed_for(pooling: str) -> Embed:
             scheduler = self.pool.embedding(DEFAULT_MODEL, None, cast(Pooling, pooling))
-            self._classifier_queues = (scheduler,)
 
             def embed(texts: list[str]) -> Awaitable[torch.Tensor]:
                 return scheduler.run(texts, [True] * len(texts))
@@ -93,18 +90,13 @@ class RewardEngine:
             raise UnknownBackend(name, list(self.backends))
         return self.backends[name]
 
-    async def score(self, items: Sequence[RawItem], backend: RewardBackend, body: BodySize | None = None,
-                    early: Admission | None = None) -> list[Scored]:
+    async def score(self, items: Sequence[RawItem], backend: RewardBackend,
+                    admission: Admission | None = None) -> list[Scored]:
         """Rewards in item order, their distributions recorded in the metrics (every route and
-        the Ray handle score here). Raises QueueFull before any work when the request does not fit
-        on a model's queue; `early` (from `admit_early`) is swapped for the exact admission, and
-        `body` teaches `admit_early` its bytes per text."""
-        texts = demand(items)
-        if body is not None:
-            self._body_sizes.learn(body, texts)
-        if early is not None:
-            early.release()
-        admission = Admission(self._queues_of(backend), texts)
+        the Ray handle score here). Without an `admission` (from `admit`, which the HTTP
+        middleware takes before the route runs), admits the request itself: QueueFull before any
+        work when it does not fit. The admission is released when the request is answered."""
+        admission = admission or self.admit(items, backend)
         try:
             resolved = await self.resolver.resolve(items, classify=backend.uses_query_type)
             results = await backend.score(resolved)
@@ -113,18 +105,11 @@ class RewardEngine:
         observe(self.metrics, backend.name, resolved, results)
         return results
 
-    def admit_early(self, body: BodySize) -> Admission:
-        """Admit a request on the default backend's queues before its body is read, or raise
-        QueueFull: under a burst a refusal then costs no parsing, and requests still being read
-        or parsed count against the bound. Parsed, the request is admitted exactly by `score`."""
-        return Admission(self._queues_of(self.backend(None)), self._body_sizes.texts(body))
-
-    def _queues_of(self, backend: RewardBackend) -> Queues:
-        """Every model queue a request to `backend` uses (the classifier's too)."""
-        queues = self._queues[backend.name]
-        if backend.uses_query_type:
-            queues = tuple(dict.fromkeys((*queues, *self._classifier_queues)))
-        return queues
+    def admit(self, items: Sequence[RawItem], backend: RewardBackend) -> Admission:
+        """Hold the tokens `items` will embed on each model queue of `backend`, or raise QueueFull.
+        The classifier's queue is not charged: what it embeds (queries of unknown type) is
+        already counted on the backend's own queues."""
+        return admit(self._queues[backend.name], items)
 
     def info(self) -> dict[str, object]:
         return {
@@ -143,7 +128,7 @@ class RewardEngine:
     def models(self) -> list[dict[str, object]]:
         """Each loaded model with its batching limits (the queue bound may have been measured)."""
         return [{**describe_model(s.model), "max_batch_tokens": s.limits.max_tokens,
-                 "max_batch_size": s.limits.max_size, "max_queue_items": s.limits.max_queue}
+                 "max_batch_size": s.limits.max_size, "max_queue_tokens": s.limits.max_queue_tokens}
                 for s in self.pool.schedulers.values()]
 
     async def close(self) -> None:

@@ -25,6 +25,7 @@ from r3_service.settings import (
 log = logging.getLogger(__name__)
 
 MEASURED_PASSES = 3
+CALIBRATION_LENGTH = 64  # tokens per text of the batch the queue bound is timed on
 
 
 def batch_limits(settings: Settings, model: BatchModel) -> BatchLimits:
@@ -33,16 +34,28 @@ def batch_limits(settings: Settings, model: BatchModel) -> BatchLimits:
     max_size = settings.max_batch_size or (GPU_BATCH_SIZE if on_gpu else CPU_BATCH_SIZE)
     return BatchLimits(
         max_tokens=max_tokens, max_size=max_size, max_wait_s=settings.max_wait_ms / 1000,
-        max_queue=settings.max_queue_items or measured_queue_bound(model, max_tokens, max_size,
-                                                                   settings.queue_seconds),
+        max_queue_tokens=configured_queue_bound(settings) or measured_queue_bound(
+            model, max_tokens, max_size, settings.queue_seconds),
     )
 
 
+def configured_queue_bound(settings: Settings) -> int | None:
+    """R3_MAX_QUEUE_TOKENS; the deprecated R3_MAX_QUEUE_ITEMS counts texts of CALIBRATION_LENGTH."""
+    if settings.max_queue_tokens is not None:
+        return settings.max_queue_tokens
+    if settings.max_queue_items is not None:
+        log.warning("R3_MAX_QUEUE_ITEMS is deprecated: the queue bound counts tokens; "
+                    "R3_MAX_QUEUE_ITEMS=%d is read as R3_MAX_QUEUE_TOKENS=%d",
+                    settings.max_queue_items, settings.max_queue_items * CALIBRATION_LENGTH)
+        return settings.max_queue_items * CALIBRATION_LENGTH
+    return None
+
+
 def measured_queue_bound(model: BatchModel, max_tokens: int, max_size: int, seconds: float) -> int:
-    """Distinct texts the model clears in `seconds`: a full batch of 64-token texts, timed after
-    one warm-up pass (the fastest of MEASURED_PASSES). Never below `max_size`, so a batch-sized
-    request always fits."""
-    length = min(64, model.info.max_length)
+    """Tokens the model clears in `seconds`: a full batch of CALIBRATION_LENGTH-token texts,
+    timed after one warm-up pass (the fastest of MEASURED_PASSES). Never below a full batch, so
+    a batch-sized request always fits."""
+    length = min(CALIBRATION_LENGTH, model.info.max_length)
     count = max(1, min(max_size, max_tokens // length))
     batch = [[1000 + (row + i) % 1000 for i in range(length)] for row in range(count)]
     model.forward(batch)
@@ -51,8 +64,8 @@ def measured_queue_bound(model: BatchModel, max_tokens: int, max_size: int, seco
         started = time.perf_counter()
         model.forward(batch)
         fastest = min(fastest, time.perf_counter() - started)
-    bound = max(max_size, int(seconds * count / max(fastest, 1e-6)))
-    log.info("queue bound for %s: %d texts (%.1f s of work at the measured rate)",
+    bound = max(count * length, int(seconds * count * length / max(fastest, 1e-6)))
+    log.info("queue bound for %s: %d tokens (%.1f s of work at the measured rate)",
              model.info.model, bound, seconds)
     return bound
 
@@ -74,6 +87,7 @@ class ModelPool:
         self.metrics = metrics
         self.schedulers: dict[tuple[object, ...], BatchScheduler] = {}
         metrics.queue_depth.set_function(lambda: sum(s.queued for s in self.schedulers.values()))
+        metrics.admitted_tokens.set_function(lambda: sum(s.held for s in self.schedulers.values()))
 
     def embedding(self, name: str, normalize: bool | None, pooling: Pooling = "mean") -> BatchScheduler:
         """`mean`: the sentence embedding; another pooling is a view of the same loaded weights

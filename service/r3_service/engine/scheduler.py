@@ -18,7 +18,7 @@ import sys
 import threading
 import time
 from collections import OrderedDict, deque
-from collections.abc import Hashable, Sequence
+from collections.abc import Hashable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import suppress
 from dataclasses import dataclass, field
@@ -51,9 +51,9 @@ def yield_cpu() -> None:
 class QueueFull(Exception):
     """The queue is at its bound; the caller should retry after `retry_after_s`."""
 
-    def __init__(self, queued: int, limit: int, retry_after_s: int) -> None:
-        super().__init__(f"the scoring queue is full ({queued} texts admitted, limit {limit} "
-                         f"(R3_MAX_QUEUE_ITEMS)); retry after {retry_after_s}s")
+    def __init__(self, held: int, limit: int, retry_after_s: int) -> None:
+        super().__init__(f"the scoring queue is full ({held} tokens admitted, limit {limit} "
+                         f"(R3_MAX_QUEUE_TOKENS)); retry after {retry_after_s}s")
         self.retry_after_s = retry_after_s
 
 
@@ -165,7 +165,7 @@ class BatchLimits:
     max_tokens: int  # padded tokens per forward
     max_size: int  # sequences per forward
     max_wait_s: float  # how long an idle model waits for a fuller batch
-    max_queue: int  # distinct texts queued or computing
+    max_queue_tokens: int  # tokens admitted requests may still embed
 
 
 class BatchScheduler:
@@ -183,8 +183,10 @@ class BatchScheduler:
                                               initializer=yield_cpu)
         self._admissions: set[asyncio.Task[None]] = set()
         self._task: asyncio.Task[None] | None = None
-        self._texts_per_s = 0.0  # moving average, for Retry-After
-        self._held = 0  # texts admitted requests may still embed (the queue bound's measure)
+        self._tokens_per_s = 0.0  # moving average, for Retry-After
+        self._held = 0  # tokens admitted requests may still embed (the queue bound's measure)
+        info = model.info
+        self._special_tokens, self._max_length = info.special_tokens, info.max_length
 
     @property
     def queued(self) -> int:
@@ -202,19 +204,30 @@ class BatchScheduler:
         self._model_thread.shutdown(wait=True)
         self._tokenizers.shutdown(wait=True)
 
-    def hold(self, texts: int) -> None:
-        """Admit a request that will embed up to `texts` texts, or raise QueueFull at once.
+    @property
+    def held(self) -> int:
+        return self._held
+
+    def charge(self, words: Iterable[int]) -> int:
+        """Tokens of inputs of `words` whitespace-separated words each, at least: every word
+        gives the tokenizer one token or more, the model adds its special tokens and truncates
+        at its length. Computed without tokenising, so a refusal costs next to nothing."""
+        special, most = self._special_tokens, self._max_length
+        return sum(min(most, special + count) for count in words)
+
+    def hold(self, tokens: int) -> None:
+        """Admit a request that will embed `tokens` tokens, or raise QueueFull at once.
 
         Callers hold before any of a request's work and `release` when it is answered, so the
         bound counts the work of requests in flight and a refusal costs next to nothing. Nothing
         held admits any request, so one larger than the bound is slow, not refused."""
-        if self._held and self._held + texts > self.limits.max_queue:
+        if self._held and self._held + tokens > self.limits.max_queue_tokens:
             self.metrics.rejected.inc()
-            raise QueueFull(self._held, self.limits.max_queue, self._retry_after(texts))
-        self._held += texts
+            raise QueueFull(self._held, self.limits.max_queue_tokens, self._retry_after(tokens))
+        self._held += tokens
 
-    def release(self, texts: int) -> None:
-        self._held -= texts
+    def release(self, tokens: int) -> None:
+        self._held -= tokens
 
     async def run(self, inputs: Sequence[Hashable], cacheable: Sequence[bool]) -> torch.Tensor:
         """Output rows of distinct `inputs`, in order (the caller holds them with `hold`)."""
@@ -289,7 +302,8 @@ class BatchScheduler:
                 continue
             elapsed = time.perf_counter() - started
             self.metrics.compute_seconds.observe(elapsed)
-            self._texts_per_s = 0.8 * self._texts_per_s + 0.2 * len(batch) / max(elapsed, 1e-6)
+            tokens = sum(len(e.ids) for e in batch)
+            self._tokens_per_s = 0.8 * self._tokens_per_s + 0.2 * tokens / max(elapsed, 1e-6)
             for entry, row in zip(batch, rows, strict=True):
                 self._pending.pop(entry.input, None)
                 if entry.cacheable:
@@ -361,5 +375,6 @@ class BatchScheduler:
                 entry.future.exception()  # mark retrieved: waiters may all be gone
 
     def _retry_after(self, extra: int) -> int:
-        rate = self._texts_per_s or 100.0
+        """Seconds until the held tokens and `extra` are cleared at the measured rate."""
+        rate = self._tokens_per_s or 5000.0
         return max(1, math.ceil((self._held + extra) / rate))

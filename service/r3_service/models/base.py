@@ -53,6 +53,7 @@ class ModelInfo:
     path: str
     normalize: bool
     max_length: int
+    special_tokens: int  # tokens the tokenizer adds to every input ([CLS], [SEP], ...)
     dim: int  # width of a forward pass's output row (1 for a reward model)
     device: str
     dtype: str

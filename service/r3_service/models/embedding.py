@@ -76,6 +76,7 @@ class EmbeddingModel:
         self.pooling: Pooling = "mean"
         self.info = ModelInfo(
             model=model, path=path, normalize=self.normalize, max_length=self.max_length,
+            special_tokens=self.tokenizer.num_special_tokens_to_add(pair=False),
             dim=int(self.model.config.hidden_size), device=str(self.device),
             dtype=str(self.dtype).removeprefix("torch."), compiled=compile,
         )

@@ -48,6 +48,9 @@ class RewardModel:
         self._encode = self._encoder(input_format)
         self.info = ModelInfo(
             model=model, path=path, normalize=False, max_length=self.max_length, dim=1,
+            # A chat template's own tokens are not counted: a lower bound is what admission needs.
+            special_tokens=0 if input_format == "chat" else
+            self.tokenizer.num_special_tokens_to_add(pair=input_format == "pair"),
             device=str(self.device), dtype=str(self.dtype).removeprefix("torch."), compiled=False,
         )
         log.info("reward model %s on %s, %s (input %s, max_length=%d)",

@@ -1,0 +1,288 @@
+"""Admission depends on the request alone: its distinct texts, each charged a lower bound of its
+tokens, held on the queues of the backend it names. Whatever came before — a smoke test of tiny
+texts, long answers, hostile input — a rollout batch the service can clear is queued, and an
+overload is refused before any admitted work finishes."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+
+from conftest import DATA, ServiceProcess, save_tiny_bert, start_service
+from r3_service.engine.resolve import RawItem
+from r3_service.engine.scheduler import BatchLimits, BatchScheduler
+from r3_service.metrics import Metrics
+from r3_tools.loadgen import make_pairs, post_plain
+
+LIMITS = BatchLimits(max_tokens=600, max_size=16, max_wait_s=0.0, max_queue_tokens=10_000)
+
+
+def scheduler_for(model) -> BatchScheduler:
+    return BatchScheduler(model, LIMITS, Metrics(), cache_size=0)
+
+
+class WithInfo:
+    """A model as the scheduler sees it, with another description (a longer `max_length`)."""
+
+    def __init__(self, model, **info: object) -> None:
+        self.model, self.info = model, replace(model.info, **info)
+
+
+def tokens(model, text: str, max_length: int | None = None) -> int:
+    """The exact token count of `text` (special tokens included), truncated at `max_length`."""
+    ids = model.tokenizer(text, truncation=max_length is not None, max_length=max_length)["input_ids"]
+    return len(ids)
+
+
+def dataset_texts() -> list[str]:
+    records = json.loads(DATA.read_text())
+    return list(dict.fromkeys(text for r in records for text in (r["input"], r["output"]) if text))
+
+
+# Real text of every kind a rollout or a client sends, and the edges of whitespace splitting.
+ODD_TEXTS = [
+    "", " ", "\n\n\t", "Four.", "What is 2+2?", "héllo wörld, ça va? naïve café", "我爱自然语言处理 这是测试",
+    "مرحبا بالعالم", "Привет, мир!", "🙂🙂🙂 ok 👍🏽", "def f(x):\n    return x ** 2  # square",
+    "https://example.com/a/b?c=d&e=f#g", "a" * 500, "word\u200bword next\u200bword", "a\u00a0b\u00a0c",
+    "x" * 5000 + " y", "1,234.56 + 7e-3 = ?", "<|im_start|>user\nhi<|im_end|>", "\u200b" * 5000 + "word",
+]
+
+
+def test_the_charge_never_exceeds_the_tokens_of_real_text(embedding_model) -> None:
+    """Every text of the shipped data and a spread of odd ones: charged no more tokens than the
+    model's tokenizer makes of it (truncated), and on real answers not far below."""
+    scheduler = scheduler_for(embedding_model)
+    limit = embedding_model.info.max_length
+    ratios = []
+    for text in [*dataset_texts(), *ODD_TEXTS]:
+        charged = scheduler.charge([len(text.split())])
+        exact = tokens(embedding_model, text, limit)
+        assert charged <= exact, (text[:80], charged, exact)
+        ratios.append(exact / charged)
+    mean = sum(ratios) / len(ratios)
+    assert 1.0 <= mean <= 1.6, f"exact/charged tokens: mean {mean:.2f}"
+
+
+def test_a_word_of_deleted_characters_alone_is_the_known_overcount(embedding_model) -> None:
+    """The one case the bound does not cover, stated: a whitespace-separated word made only of
+    characters the tokenizer deletes (U+200B) is counted as one token it does not produce."""
+    scheduler = scheduler_for(embedding_model)
+    text = " ".join(["\u200b"] * 10)
+    assert scheduler.charge([len(text.split())]) == tokens(embedding_model, text) + 10
+
+
+def long_and_short_texts(model, count: int, target: int) -> list[str]:
+    """`count` distinct real answers, words joined or cut until each is about `target` tokens."""
+    words = " ".join(dataset_texts()).split()
+    texts, start = [], 0
+    for index in range(count):
+        size = target * 3 // 4
+        while tokens(model, " ".join(words[start:start + size])) < target:
+            size += 8
+        texts.append(f"{index} " + " ".join(words[start:start + size]))
+        start = (start + size) % (len(words) - 4 * target)
+    return texts
+
+
+def test_a_request_of_500_token_responses_is_charged_about_8x_one_of_64_token_responses(
+        embedding_model) -> None:
+    """1,024 texts of each length. On a model that reads 512 tokens the charges are in the ratio of
+    the texts' tokens (~8). The packaged model reads 256: a long text is charged exactly that,
+    what the model reads of it, and a short one no more than its tokens."""
+    long_texts = long_and_short_texts(embedding_model, 1024, 500)
+    short_texts = long_and_short_texts(embedding_model, 1024, 64)
+    scheduler = scheduler_for(WithInfo(embedding_model, max_length=512))
+    charged = [scheduler.charge(len(t.split()) for t in texts) for texts in (long_texts, short_texts)]
+    exact = [sum(tokens(embedding_model, t, 512) for t in texts) for texts in (long_texts, short_texts)]
+    ratio, true_ratio = charged[0] / charged[1], exact[0] / exact[1]
+    assert 6.5 <= ratio <= 9.5 and abs(ratio / true_ratio - 1) < 0.15, (ratio, true_ratio)
+
+    packaged = scheduler_for(embedding_model)
+    limit = embedding_model.info.max_length
+    assert packaged.charge(len(t.split()) for t in long_texts) == limit * len(long_texts)
+    assert packaged.charge(len(t.split()) for t in short_texts) <= exact[1]
+
+
+def test_a_request_is_charged_by_its_distinct_texts() -> None:
+    """A GRPO group's shared query is charged once; a labelled closed item its reference, not its
+    query; an unlabelled item its query (to classify it) and any reference it brings."""
+    from r3_service.engine.admission import demand
+
+    group = [RawItem("Name a prime.", f"{n} is prime.", None, "open") for n in (2, 3, 5, 7)]
+    assert demand(group) == {"Name a prime.", "2 is prime.", "3 is prime.", "5 is prime.", "7 is prime."}
+    closed = RawItem("Fix: teh cat", "The cat", "The cat.", "closed")
+    assert demand([closed]) == {"The cat", "The cat."}
+    unknown = RawItem("Fix: teh cat", "The cat", "The cat.", None)
+    assert demand([unknown]) == {"Fix: teh cat", "The cat", "The cat."}
+
+
+# ---------------------------------------------------------------- every backend, in process
+
+
+@pytest.fixture(scope="module")
+def two_models(tmp_path_factory: pytest.TempPathFactory) -> Iterator:
+    """A deployment whose second backend runs on a model of its own (a tiny BERT)."""
+    from conftest import in_process
+
+    folder = tmp_path_factory.mktemp("two-models")
+    tiny = save_tiny_bert(folder / "tiny")
+    config = folder / "deployment.yaml"
+    config.write_text(yaml.safe_dump({"default_backend": "r3", "backends": {
+        "r3": {"kind": "r3", "preset": "r3"},
+        "tiny": {"kind": "r3", "preset": "r3", "model": str(tiny)},
+    }}))
+    with in_process(config=str(config)) as client:
+        yield client
+
+
+def hog(engine, backend: str):
+    """An admission past the bound of `backend`'s queue (2,000 texts of the model's full length)."""
+    texts = [f"text {i} " + "word " * 600 for i in range(2000)]
+    return engine.admit([RawItem("q", text) for text in texts], engine.backend(backend))
+
+
+@pytest.mark.parametrize("path, body, params", [
+    ("/reward", {"items": [{"query": "q", "response": "r"}], "backend": "tiny"}, {}),
+    ("/get_reward", {"query": ["<|im_start|>user\nq<|im_end|>\n<|im_start|>assistant\nr"],
+                     "prompts": ["<|im_start|>user\nq<|im_end|>\n<|im_start|>assistant\n"],
+                     "backend": "tiny"}, {}),
+    ("/slime", {"prompt": "q", "response": "r"}, {"backend": "tiny"}),
+])
+def test_every_backend_is_admitted_on_its_own_queues(two_models, path: str, body: dict, params: dict) -> None:
+    engine = two_models.app.state.engine
+    held = hog(engine, "tiny")
+    try:
+        refused = two_models.post(path, json=body, params=params)
+        other = {k: v for k, v in body.items() if k != "backend"}
+        default = two_models.post(path, json=other)  # the default backend's queue is free
+    finally:
+        held.release()
+    assert refused.status_code == 429, refused.text
+    assert "R3_MAX_QUEUE_TOKENS" in refused.json()["detail"] and int(refused.headers["Retry-After"]) >= 1
+    assert default.status_code == 200, default.text
+    assert two_models.post(path, json=body, params=params).status_code == 200
+
+
+def test_invalid_bodies_keep_their_answers_while_the_queue_is_full(app_client) -> None:
+    """A full queue does not turn a 400, 413 or 422 into a 429: the route still answers them."""
+    engine = app_client.app.state.engine
+    held = hog(engine, None)
+    try:
+        assert app_client.post("/reward", content=b"{not json", headers={"content-type": "application/json"}
+                               ).status_code == 400
+        assert app_client.post("/reward", content=b'{"items": []}', headers={"content-type": "text/plain"}
+                               ).status_code == 400
+        assert app_client.post("/reward", json={"items": [{"query": "q", "respons": "r"}]}).status_code == 422
+        assert app_client.post("/reward", json={"items": [{"query": "q", "response": "r"}], "backend": "nope"}
+                               ).status_code == 422
+        too_many = {"items": [{"query": "q", "response": "r"}] * 5000}
+        assert app_client.post("/reward", json=too_many).status_code == 413
+        valid = {"items": [{"query": "q", "response": "r"}]}
+        assert app_client.post("/reward", json=valid).status_code == 429
+    finally:
+        held.release()
+
+
+# ---------------------------------------------------------------- a real server, any history
+
+
+def history(kind: str, count: int) -> list[bytes]:
+    """Bodies a service may have seen before: a smoke test's tiny texts, long answers, a mix."""
+    tiny = [{"query": "What is 2+2?", "response": "Four."}]
+    long = [{"query": "Describe the history of tea in detail.",
+             "response": ("Tea spread from China. " * 220)[:5000]}]
+    bodies = []
+    for index in range(count):
+        chosen = tiny if kind == "tiny" else long if kind == "long" else (tiny, long)[index % 2]
+        item = {**chosen[0], "query": f"{chosen[0]['query']} #{index}"}
+        bodies.append(json.dumps({"items": [item]}).encode())
+    return bodies
+
+
+HOSTILE = [b"{", b"[]", b'{"items": 3}', b'{"items": [{"query": 1, "response": "x"}]}',
+           json.dumps({"items": [{"query": "q", "response": "\u200b" * 5000}]}).encode(),
+           json.dumps({"items": [{"query": "q", "response": "r", "extra": 1}]}).encode()]
+
+
+async def send_all(url: str, bodies: list[bytes], at_once: int = 8) -> list[int]:
+    gate = asyncio.Semaphore(at_once)
+
+    async def one(body: bytes) -> int:
+        async with gate:
+            return (await post_plain(url, "/reward", body, timeout=120))[0]
+
+    return await asyncio.gather(*(one(b) for b in bodies))
+
+
+def rollout_bodies(count: int, per_request: int, tag: str) -> list[bytes]:
+    """`count` requests of `per_request` labelled real items (~60-word answers), all distinct."""
+    pairs = make_pairs(DATA, count * per_request, grouped=False)
+    return [json.dumps({"items": [{**p.item(), "query": f"{p.query} [{tag}]"}
+                                  for p in pairs[i:i + per_request]]}).encode()
+            for i in range(0, len(pairs), per_request)]
+
+
+@pytest.fixture(scope="module")
+def fresh_service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceProcess]:
+    """A default `r3-serve` (measured queue bound, in-process store), as a new user starts it."""
+    proc = start_service(tmp_path_factory.mktemp("fresh"))
+    yield proc
+    proc.stop()
+
+
+def test_after_any_history_a_rollout_batch_is_queued_not_refused(fresh_service: ServiceProcess) -> None:
+    """200 requests of tiny texts, of 5,000-character texts, and of a mix, each followed by 16
+    concurrent 64-item requests from one pooled client, as a trainer sends its batch: all 200."""
+    fresh = fresh_service
+    bound = httpx.get(f"{fresh.url}/v1/info").json()["models"][0]["max_queue_tokens"]
+
+    async def batch(tag: str) -> list[int]:
+        async with httpx.AsyncClient(base_url=fresh.url, timeout=300) as client:
+            answers = await asyncio.gather(*(client.post("/reward", content=body, headers={
+                "content-type": "application/json"}) for body in rollout_bodies(16, 64, tag)))
+        return [a.status_code for a in answers]
+
+    for kind in ("tiny", "long", "mix"):
+        assert set(asyncio.run(send_all(fresh.url, history(kind, 200)))) == {200}
+        statuses = asyncio.run(batch(kind))
+        assert statuses == [200] * 16, f"after {kind} texts: {statuses} (bound {bound} tokens)"
+
+
+@pytest.mark.slow
+def test_after_any_history_an_overload_is_refused_before_admitted_work_finishes(
+        tmp_path: Path) -> None:
+    """After hostile requests and long answers, 200 concurrent 64-item requests from a plain
+    asyncio client: each gets 200 or 429 (no 5xx, no timeout), and every 429 comes back before
+    any admitted request is answered: refusals wait for no one's work."""
+    service = start_service(tmp_path, R3_QUEUE_SECONDS="3")
+    try:
+        assert set(asyncio.run(send_all(service.url, HOSTILE))) <= {400, 422, 200}
+        assert set(asyncio.run(send_all(service.url, history("long", 64)))) == {200}
+        bodies = rollout_bodies(200, 64, "overload")
+        started = time.perf_counter()
+
+        async def timed(body: bytes) -> tuple[int, float]:
+            status, headers = await post_plain(service.url, "/reward", body, timeout=120)
+            assert status != 429 or int(headers["retry-after"]) >= 1
+            return status, time.perf_counter() - started
+
+        async def burst() -> list[tuple[int, float]]:
+            return await asyncio.gather(*(timed(body) for body in bodies))
+
+        answers = asyncio.run(burst())
+        refused = [seconds for status, seconds in answers if status == 429]
+        done = [seconds for status, seconds in answers if status == 200]
+        assert len(refused) + len(done) == len(bodies), sorted({s for s, _ in answers})
+        assert done and refused
+        assert max(refused) < min(done), f"last 429 at {max(refused):.2f} s, first 200 at {min(done):.2f} s"
+    finally:
+        service.stop()
+    assert "Traceback" not in service.log.read_text()

@@ -1,0 +1,135 @@
+"""What admitting or refusing one scoring request costs, step by step, on the event loop: where
+a refusal can be put and what it costs there. In this process, on the packaged model.
+
+    python -m r3_tools.admission_cost [--items 64] [--out bench/results/admission-cost.json]
+
+Steps, in the order the service runs them: the body validated by pydantic's JSON parser (the
+route's model), the request prepared (limits, items, backend), its tokens charged (distinct
+texts, words), held on the queue, and the 429 answered; then the whole refusal through the
+middleware (ASGI, no socket). For comparison: what FastAPI's own body handling costs
+(`json.loads` and validation of the parsed object), which every admitted request pays again.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from r3_service.api.middleware import EarlyAdmission, prepare, too_busy
+from r3_service.api.routes import prepare_reward
+from r3_service.api.schemas import RewardRequest
+from r3_service.engine.admission import demand
+from r3_service.engine.engine import RewardEngine
+from r3_service.engine.resolve import RawItem
+from r3_service.engine.scheduler import QueueFull
+from r3_service.settings import Settings
+from r3_tools.loadgen import DATA, make_pairs
+
+REPEATS = 300
+
+
+def median_us(step: Callable[[], object], repeats: int = REPEATS) -> float:
+    step()  # warm
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - started)
+    return statistics.median(times) * 1e6
+
+
+async def refusal_through_middleware(middleware: EarlyAdmission, body: bytes) -> int:
+    """One request through the admission middleware, as uvicorn hands it over; its status."""
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    scope = {"type": "http", "path": "/reward", "method": "POST", "query_string": b"", "headers": headers}
+    status = 0
+
+    async def receive() -> dict:
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    async def send(message: dict) -> None:
+        nonlocal status
+        if message["type"] == "http.response.start":
+            status = message["status"]
+
+    await middleware(scope, receive, send)
+    return status
+
+
+def measure(items: int) -> dict[str, object]:
+    settings = Settings(max_queue_tokens=10_000, qtype_classifier="none")
+    engine = RewardEngine.from_settings(settings)
+    pairs = make_pairs(DATA, items, grouped=False)
+    body = json.dumps({"items": [p.item() for p in pairs]}).encode()
+    backend = engine.backend(None)
+    request = RewardRequest.model_validate_json(body)
+    prepared = prepare_reward(request, engine, settings, {})
+    texts = demand(prepared.items)
+    queue = engine.pool.schedulers[next(iter(engine.pool.schedulers))]
+    hog = engine.admit([RawItem("q", f"{i} " + "word " * 400) for i in range(200)], backend)
+
+    def refuse() -> None:
+        try:
+            engine.admit(prepared.items, backend)
+        except QueueFull as error:
+            too_busy(error).render({"detail": str(error)})
+
+    class State:
+        pass
+
+    state = State()
+    state.engine, state.settings = engine, settings  # type: ignore[attr-defined]
+    middleware = EarlyAdmission(lambda *_: None, state)  # type: ignore[arg-type]
+    loop = asyncio.new_event_loop()
+    assert loop.run_until_complete(refusal_through_middleware(middleware, body)) == 429
+    scope = {"type": "http", "path": "/reward", "query_string": b"", "headers": []}
+    def charge() -> int:
+        return queue.charge(len(t.split()) for t in demand(prepared.items))
+
+    steps = {
+        "validate (pydantic JSON parser, route's model)": median_us(
+            lambda: RewardRequest.model_validate_json(body)),
+        "prepare (limits, items, backend)": median_us(lambda: prepare_reward(request, engine, settings, {})),
+        "charge (distinct texts, words, tokens)": median_us(charge),
+        "refuse (hold fails, 429 rendered)": median_us(refuse),
+        "all of the above (middleware's prepare + admit)": median_us(lambda: (
+            prepare(scope, body, engine, settings), refuse())),
+        "whole refusal through the middleware (ASGI)": median_us(
+            lambda: loop.run_until_complete(refusal_through_middleware(middleware, body))),
+        "for comparison: json.loads + validation of the object (FastAPI's way)": median_us(
+            lambda: RewardRequest.model_validate(json.loads(body))),
+    }
+    hog.release()
+    loop.close()
+    return {"items": items, "body_bytes": len(body), "distinct_texts": len(texts),
+            "charged_tokens": queue.charge(len(t.split()) for t in texts),
+            "machine": f"{platform.processor() or platform.machine()}, {platform.python_version()}",
+            "median_us": steps}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m r3_tools.admission_cost",
+                                     description=(__doc__ or "").split("\n")[0])
+    parser.add_argument("--items", type=int, default=64, help="items per request body")
+    parser.add_argument("--out", type=Path, help="also write the figures here (JSON)")
+    args = parser.parse_args(argv)
+    result = measure(args.items)
+    print(f"{args.items}-item body: {result['body_bytes']} bytes, {result['distinct_texts']} distinct texts, "
+          f"{result['charged_tokens']} tokens charged")
+    print("| step | median µs |\n|---|--:|")
+    for step, micros in result["median_us"].items():  # type: ignore[union-attr]
+        print(f"| {step} | {micros:.0f} |")
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
