@@ -20,7 +20,7 @@ from conftest import DATA, ServiceProcess, save_tiny_bert, start_service
 from r3_service.engine.resolve import RawItem
 from r3_service.engine.scheduler import BatchLimits, BatchScheduler
 from r3_service.metrics import Metrics
-from r3_tools.loadgen import make_pairs, post_plain
+from r3_tools.loadgen import history_bodies, make_pairs, post_plain, send_history
 
 LIMITS = BatchLimits(max_tokens=600, max_size=16, max_wait_s=0.0, max_queue_tokens=10_000)
 
@@ -194,34 +194,6 @@ def test_invalid_bodies_keep_their_answers_while_the_queue_is_full(app_client) -
 # ---------------------------------------------------------------- a real server, any history
 
 
-def history(kind: str, count: int) -> list[bytes]:
-    """Bodies a service may have seen before: a smoke test's tiny texts, long answers, a mix."""
-    tiny = [{"query": "What is 2+2?", "response": "Four."}]
-    long = [{"query": "Describe the history of tea in detail.",
-             "response": ("Tea spread from China. " * 220)[:5000]}]
-    bodies = []
-    for index in range(count):
-        chosen = tiny if kind == "tiny" else long if kind == "long" else (tiny, long)[index % 2]
-        item = {**chosen[0], "query": f"{chosen[0]['query']} #{index}"}
-        bodies.append(json.dumps({"items": [item]}).encode())
-    return bodies
-
-
-HOSTILE = [b"{", b"[]", b'{"items": 3}', b'{"items": [{"query": 1, "response": "x"}]}',
-           json.dumps({"items": [{"query": "q", "response": "\u200b" * 5000}]}).encode(),
-           json.dumps({"items": [{"query": "q", "response": "r", "extra": 1}]}).encode()]
-
-
-async def send_all(url: str, bodies: list[bytes], at_once: int = 8) -> list[int]:
-    gate = asyncio.Semaphore(at_once)
-
-    async def one(body: bytes) -> int:
-        async with gate:
-            return (await post_plain(url, "/reward", body, timeout=120))[0]
-
-    return await asyncio.gather(*(one(b) for b in bodies))
-
-
 def rollout_bodies(count: int, per_request: int, tag: str) -> list[bytes]:
     """`count` requests of `per_request` labelled real items (~60-word answers), all distinct."""
     pairs = make_pairs(DATA, count * per_request, grouped=False)
@@ -230,10 +202,15 @@ def rollout_bodies(count: int, per_request: int, tag: str) -> list[bytes]:
             for i in range(0, len(pairs), per_request)]
 
 
+# What the queue bound measures on a quiet 2-core CPU (60 s of the packaged model's work), set so
+# that the test does not depend on how busy the machine was when the service timed its model.
+QUIET_BOUND = "384000"
+
+
 @pytest.fixture(scope="module")
 def fresh_service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceProcess]:
-    """A default `r3-serve` (measured queue bound, in-process store), as a new user starts it."""
-    proc = start_service(tmp_path_factory.mktemp("fresh"))
+    """A default `r3-serve` (in-process store) with the bound a quiet 2-core CPU measures."""
+    proc = start_service(tmp_path_factory.mktemp("fresh"), R3_MAX_QUEUE_TOKENS=QUIET_BOUND)
     yield proc
     proc.stop()
 
@@ -251,7 +228,7 @@ def test_after_any_history_a_rollout_batch_is_queued_not_refused(fresh_service: 
         return [a.status_code for a in answers]
 
     for kind in ("tiny", "long", "mix"):
-        assert set(asyncio.run(send_all(fresh.url, history(kind, 200)))) == {200}
+        assert set(asyncio.run(send_history(fresh.url, history_bodies(kind, 200)))) == {200}
         statuses = asyncio.run(batch(kind))
         assert statuses == [200] * 16, f"after {kind} texts: {statuses} (bound {bound} tokens)"
 
@@ -259,14 +236,16 @@ def test_after_any_history_a_rollout_batch_is_queued_not_refused(fresh_service: 
 @pytest.mark.slow
 def test_after_any_history_an_overload_is_refused_before_admitted_work_finishes(
         tmp_path: Path) -> None:
-    """After hostile requests and long answers, 200 concurrent 64-item requests from a plain
-    asyncio client: each gets 200 or 429 (no 5xx, no timeout), and every 429 comes back before
-    any admitted request is answered: refusals wait for no one's work."""
-    service = start_service(tmp_path, R3_QUEUE_SECONDS="3")
+    """After a security check's hostile requests (one a response of 5,000 zero-width spaces) and
+    long answers, 400 concurrent 64-item requests from a plain asyncio client: each gets 200 or
+    429 (no 5xx, no timeout), and every 429 comes back before any admitted request is answered —
+    refusals wait for no one's work, whatever the service saw before. (A bound of ~20 requests
+    keeps the admitted work short; the history and the burst are the issue's.)"""
+    service = start_service(tmp_path, R3_MAX_QUEUE_TOKENS="100000")
     try:
-        assert set(asyncio.run(send_all(service.url, HOSTILE))) <= {400, 422, 200}
-        assert set(asyncio.run(send_all(service.url, history("long", 64)))) == {200}
-        bodies = rollout_bodies(200, 64, "overload")
+        assert set(asyncio.run(send_history(service.url, history_bodies("hostile", 30)))) <= {200, 400, 422}
+        assert set(asyncio.run(send_history(service.url, history_bodies("long", 64)))) == {200}
+        bodies = rollout_bodies(400, 64, "overload")
         started = time.perf_counter()
 
         async def timed(body: bytes) -> tuple[int, float]:

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from conftest import DATA
-from r3_tools.loadgen import Target, Workload, make_pairs, open_loop, parse_mix
-from r3_tools.loadtest import check_target, main
+from r3_tools.loadgen import Target, Workload, history_bodies, make_pairs, open_loop, parse_mix
+from r3_tools.loadtest import check_target, main, parse_history
 
 
 @pytest.mark.parametrize("url", ["http://127.0.0.1:8000", "http://127.9.9.9", "http://localhost:1",
@@ -106,3 +106,21 @@ def test_burst_sends_every_request_at_once_and_reports_by_status(server_url: str
     assert code == 0 and summary["requests"] == summary["ok"] == 6
     assert set(summary["latency_ms_by_status"]) == {"200"}
     assert summary["latency_ms_by_status"]["200"]["max"] == summary["latency_ms"]["max"]
+
+
+def test_a_history_is_sent_first_and_unmeasured(server_url: str, capsys: pytest.CaptureFixture[str]) -> None:
+    code = main(["--url", server_url, "--history", "tiny:3,hostile:8", "--burst", "2", "--mix", "1"])
+    out = capsys.readouterr().out
+    assert code == 0 and "history tiny x3: 200 x3" in out
+    hostile = out.split("history hostile x8: ", 1)[1].splitlines()[0]
+    assert "200 x2" in hostile and "400 x" in hostile and "422 x" in hostile  # each answered as documented
+    assert "2 requests in" in out  # only the burst is measured
+
+
+def test_history_kinds_and_counts_are_checked() -> None:
+    assert parse_history("tiny:2, long:1") == [("tiny", 2), ("long", 1)]
+    assert [len(history_bodies(kind, 5)) for kind in ("tiny", "long", "mix", "hostile")] == [5, 5, 5, 5]
+    assert len(set(history_bodies("mix", 4))) == 4  # distinct queries: none is a repeat the cache serves
+    for bad in ("tiny", "tiny:x", "huge:3"):
+        with pytest.raises(ValueError, match="KIND:COUNT"):
+            parse_history(bad)

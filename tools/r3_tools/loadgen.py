@@ -15,6 +15,7 @@ import re
 import subprocess
 import sys
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -316,6 +317,44 @@ async def post_plain(url: str, path: str, body: bytes, *, headers: dict[str, str
     status_line, *lines = answer.decode("latin-1").split("\r\n")
     fields = dict(line.split(":", 1) for line in lines if ":" in line)
     return int(status_line.split()[1]), {k.strip().lower(): v.strip() for k, v in fields.items()}
+
+
+HISTORIES = ("tiny", "long", "mix", "hostile")
+
+
+def history_bodies(kind: str, count: int) -> list[bytes]:
+    """`/reward` bodies a service may have seen before the measured load: `tiny` (the one-item
+    curl check anyone sends first), `long` (5,000-character answers), `mix` (both, alternating),
+    `hostile` (a security check: malformed and hostile bodies, one a response of 5,000 zero-width
+    spaces, cycled). Admission must not depend on any of them."""
+    if kind not in HISTORIES:
+        raise ValueError(f"unknown history {kind!r}; valid: {', '.join(HISTORIES)}")
+    if kind == "hostile":
+        return [HOSTILE_BODIES[i % len(HOSTILE_BODIES)] for i in range(count)]
+    tiny = {"query": "What is 2+2?", "response": "Four."}
+    long = {"query": "Describe the history of tea in detail.",
+            "response": ("Tea spread from China. " * 220)[:5000]}
+    shapes = {"tiny": [tiny], "long": [long], "mix": [tiny, long]}[kind]
+    return [json.dumps({"items": [{**shape, "query": f"{shape['query']} #{index}"}]}).encode()
+            for index, shape in ((i, shapes[i % len(shapes)]) for i in range(count))]
+
+
+HOSTILE_BODIES = [b"{", b"[]", b'{"items": 3}', b'{"items": [{"query": 1, "response": "x"}]}',
+                  b'{"items": [{"query": "q", "response": "r", "extra": 1}]}', b"\xff\xfe",
+                  json.dumps({"items": [{"query": "q", "response": "\u200b" * 5000}]}).encode(),
+                  json.dumps({"items": [{"query": "q" * 3, "response": "\ud800 lone"}]}).encode()]
+
+
+async def send_history(url: str, bodies: list[bytes], headers: dict[str, str] | None = None,
+                       at_once: int = 8) -> Counter[int]:
+    """Send `bodies` to `/reward`, `at_once` at a time; their statuses, counted."""
+    gate = asyncio.Semaphore(at_once)
+
+    async def one(body: bytes) -> int:
+        async with gate:
+            return (await post_plain(url, "/reward", body, headers=headers))[0]
+
+    return Counter(await asyncio.gather(*(one(body) for body in bodies)))
 
 
 async def burst(target: Target, workload: Workload, count: int) -> Run:

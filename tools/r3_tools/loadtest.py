@@ -8,6 +8,7 @@ sends a whole rollout batch; latency is reported per status (how fast are the 42
 Requests are drawn from a mix of shapes: N distinct items, `grpoN` (one prompt, N responses)
 and `openrlhf` (one /get_reward sample), from AlpacaFarm pairs. Reports throughput, latency
 percentiles, errors by HTTP status and by exception, as JSON and a PNG over time.
+`--history` first sends requests of a given kind (tiny, long, mix, hostile), unmeasured.
 Only loopback targets unless --allow-remote.
 """
 
@@ -26,15 +27,18 @@ from urllib.parse import urlsplit
 from r3_tools.commands import require
 from r3_tools.loadgen import (
     DATA,
+    HISTORIES,
     Run,
     Target,
     Workload,
     burst,
     closed_loop,
+    history_bodies,
     make_pairs,
     open_loop,
     parse_mix,
     percentiles,
+    send_history,
 )
 
 DEFAULT_MIX = "1:0.5,8:0.3,64:0.2"
@@ -160,7 +164,21 @@ def target_of(args: argparse.Namespace) -> Target:
     return Target(args.url, timeout=args.timeout, headers=headers, max_connections=args.max_connections)
 
 
+def parse_history(spec: str) -> list[tuple[str, int]]:
+    """`tiny:200,long:200`: the kinds of `history_bodies` and how many of each, in order."""
+    parts = []
+    for token in filter(None, (part.strip() for part in spec.split(","))):
+        kind, _, count = token.partition(":")
+        if kind not in HISTORIES or not count.isdigit():
+            raise ValueError(f"--history {token!r}: KIND:COUNT with KIND one of {', '.join(HISTORIES)}")
+        parts.append((kind, int(count)))
+    return parts
+
+
 async def drive(args: argparse.Namespace, target: Target, workload: Workload) -> Run:
+    for kind, count in parse_history(args.history or ""):
+        statuses = await send_history(args.url, history_bodies(kind, count), target.headers)
+        print(f"history {kind} x{count}: " + ", ".join(f"{s} x{n}" for s, n in sorted(statuses.items())))
     if args.burst:
         return await burst(target, workload, args.burst)
     if args.rate:
@@ -187,6 +205,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--unlabelled", action="store_true",
                    help="send query and response only, so the service looks types/references up")
     p.add_argument("--backend", help="preset sent with every request (default: the service's own)")
+    p.add_argument("--history", metavar="KIND:N,...",
+                   help="first send N /reward requests of each kind (tiny, long, mix, hostile), 8 at a "
+                        "time, unmeasured: admission must not depend on what came before")
     p.add_argument("--duration", type=float, default=30.0, help="seconds of arrivals (default 30)")
     p.add_argument("--drain", type=float, default=30.0,
                    help="hard stop: requests still running this long after --duration are cut off")
@@ -207,6 +228,7 @@ def main(argv: list[str] | None = None) -> int:
         require("r3-loadtest --plot", "bench")  # before the load, not after it
     try:
         check_target(args.url, args.allow_remote)
+        parse_history(args.history or "")
         workload = build_workload(args)
     except ValueError as error:
         print(f"r3-loadtest: {error}", file=sys.stderr)
