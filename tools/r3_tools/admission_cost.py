@@ -3,11 +3,11 @@ a refusal can be put and what it costs there. In this process, on the packaged m
 
     python -m r3_tools.admission_cost [--items 64] [--out bench/results/admission-cost.json]
 
-Steps, in the order the service runs them: the body validated by pydantic's JSON parser (the
-route's model), the request prepared (limits, items, backend), its tokens charged (distinct
-texts, words), held on the queue, and the 429 answered; then the whole refusal through the
-middleware (ASGI, no socket). For comparison: what FastAPI's own body handling costs
-(`json.loads` and validation of the parsed object), which every admitted request pays again.
+Steps: what validating the body would cost (pydantic's JSON parser, the route's model, and the
+route's preparation), what the middleware does instead (a C-level parse and the body's shape),
+the tokens charged (distinct texts, words), the hold and the 429; then the whole refusal
+through the middleware (ASGI, no socket). For comparison: FastAPI's own body handling
+(`json.loads` and validation of the parsed object), which every admitted request pays.
 """
 
 from __future__ import annotations
@@ -21,7 +21,10 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from r3_service.api.middleware import EarlyAdmission, prepare, too_busy
+import orjson
+
+from r3_service.api.early import reward_items
+from r3_service.api.middleware import EarlyAdmission, early_items, too_busy
 from r3_service.api.routes import prepare_reward
 from r3_service.api.schemas import RewardRequest
 from r3_service.engine.admission import demand
@@ -89,6 +92,7 @@ def measure(items: int) -> dict[str, object]:
     loop = asyncio.new_event_loop()
     assert loop.run_until_complete(refusal_through_middleware(middleware, body)) == 429
     scope = {"type": "http", "path": "/reward", "query_string": b"", "headers": []}
+    document = orjson.loads(body)
     def charge() -> int:
         return queue.charge(len(t.split()) for t in demand(prepared.items))
 
@@ -96,10 +100,13 @@ def measure(items: int) -> dict[str, object]:
         "validate (pydantic JSON parser, route's model)": median_us(
             lambda: RewardRequest.model_validate_json(body)),
         "prepare (limits, items, backend)": median_us(lambda: prepare_reward(request, engine, settings, {})),
+        "instead: orjson parse": median_us(lambda: orjson.loads(body)),
+        "instead: items from the parsed body (shape, limits)": median_us(
+            lambda: reward_items(document, settings)),
         "charge (distinct texts, words, tokens)": median_us(charge),
         "refuse (hold fails, 429 rendered)": median_us(refuse),
-        "all of the above (middleware's prepare + admit)": median_us(lambda: (
-            prepare(scope, body, engine, settings), refuse())),
+        "the middleware's read of the items (orjson, shape, limits) + refusal": median_us(lambda: (
+            early_items(scope, body, engine, settings), refuse())),
         "whole refusal through the middleware (ASGI)": median_us(
             lambda: loop.run_until_complete(refusal_through_middleware(middleware, body))),
         "for comparison: json.loads + validation of the object (FastAPI's way)": median_us(

