@@ -36,11 +36,11 @@ def reward_items(document: Any, settings: Settings) -> tuple[list[RawItem], str 
         if reference is not None and not _text(reference, limit):
             return None
         if query_type is not None:
-            try:
-                query_type = parse_query_type(query_type) if isinstance(query_type, str) else None
-            except ValueError:
+            if not isinstance(query_type, str):
                 return None
-            if query_type is None:
+            try:
+                query_type = parse_query_type(query_type)
+            except ValueError:
                 return None
         found.append(RawItem(query, response, reference, query_type))
     return found, backend
