@@ -17,23 +17,9 @@ import pytest
 import yaml
 
 from conftest import DATA, ServiceProcess, save_tiny_bert, start_service
+from r3_service.engine.admission import charge, demand, words
 from r3_service.engine.resolve import RawItem
-from r3_service.engine.scheduler import BatchLimits, BatchScheduler
-from r3_service.metrics import Metrics
 from r3_tools.loadgen import history_bodies, make_pairs, post_plain, send_history
-
-LIMITS = BatchLimits(max_tokens=600, max_size=16, max_wait_s=0.0, max_queue_tokens=10_000)
-
-
-def scheduler_for(model) -> BatchScheduler:
-    return BatchScheduler(model, LIMITS, Metrics(), cache_size=0)
-
-
-class WithInfo:
-    """A model as the scheduler sees it, with another description (a longer `max_length`)."""
-
-    def __init__(self, model, **info: object) -> None:
-        self.model, self.info = model, replace(model.info, **info)
 
 
 def tokens(model, text: str, max_length: int | None = None) -> int:
@@ -59,11 +45,10 @@ ODD_TEXTS = [
 def test_the_charge_never_exceeds_the_tokens_of_real_text(embedding_model) -> None:
     """Every text of the shipped data and a spread of odd ones: charged no more tokens than the
     model's tokenizer makes of it (truncated), and on real answers not far below."""
-    scheduler = scheduler_for(embedding_model)
     limit = embedding_model.info.max_length
     ratios = []
     for text in [*dataset_texts(), *ODD_TEXTS]:
-        charged = scheduler.charge([len(text.split())])
+        charged = charge([text], embedding_model.info)
         exact = tokens(embedding_model, text, limit)
         assert charged <= exact, (text[:80], charged, exact)
         ratios.append(exact / charged)
@@ -71,12 +56,34 @@ def test_the_charge_never_exceeds_the_tokens_of_real_text(embedding_model) -> No
     assert 1.0 <= mean <= 1.6, f"exact/charged tokens: mean {mean:.2f}"
 
 
+def test_words_never_exceed_the_split_and_match_it_on_ascii_whitespace() -> None:
+    """The word count is a lower bound of `str.split()`'s, exact where all whitespace is ASCII:
+    a space outside ASCII (U+00A0, U+3000) joins the words on its sides, never splits one."""
+    for text in [*dataset_texts(), *ODD_TEXTS, "a\u3000b c", "\ud800 lone surrogate", "x\x1cy\x1fz"]:
+        split = len(text.split())
+        assert words(text) <= split, text[:80]
+        if not any(ch.isspace() and not ch.isascii() for ch in text):
+            assert words(text) == split, text[:80]
+    assert words("a\u00a0b c") == 2  # split() finds 3
+
+
+def test_the_charge_is_the_rule_text_by_text(embedding_model) -> None:
+    """Short texts are counted joined: the total is exactly each text's min(length, special +
+    words), with texts on both sides of the length at which truncation can start."""
+    info = embedding_model.info
+    edge = 2 * (info.max_length - info.special_tokens)
+    texts = [*dataset_texts()[:300], *ODD_TEXTS, "a " * (edge // 2), "a " * (edge // 2 - 1) + "a",
+             "ab " * 200, "a " * 400]
+    expected = sum(min(info.max_length, info.special_tokens + words(t)) for t in texts)
+    assert charge(texts, info) == expected
+    assert charge([], info) == 0
+
+
 def test_a_word_of_deleted_characters_alone_is_the_known_overcount(embedding_model) -> None:
     """The one case the bound does not cover, stated: a whitespace-separated word made only of
     characters the tokenizer deletes (U+200B) is counted as one token it does not produce."""
-    scheduler = scheduler_for(embedding_model)
     text = " ".join(["\u200b"] * 10)
-    assert scheduler.charge([len(text.split())]) == tokens(embedding_model, text) + 10
+    assert charge([text], embedding_model.info) == tokens(embedding_model, text) + 10
 
 
 def long_and_short_texts(model, count: int, target: int) -> list[str]:
@@ -99,23 +106,20 @@ def test_a_request_of_500_token_responses_is_charged_about_8x_one_of_64_token_re
     what the model reads of it, and a short one no more than its tokens."""
     long_texts = long_and_short_texts(embedding_model, 1024, 500)
     short_texts = long_and_short_texts(embedding_model, 1024, 64)
-    scheduler = scheduler_for(WithInfo(embedding_model, max_length=512))
-    charged = [scheduler.charge(len(t.split()) for t in texts) for texts in (long_texts, short_texts)]
+    longer = replace(embedding_model.info, max_length=512)
+    charged = [charge(texts, longer) for texts in (long_texts, short_texts)]
     exact = [sum(tokens(embedding_model, t, 512) for t in texts) for texts in (long_texts, short_texts)]
     ratio, true_ratio = charged[0] / charged[1], exact[0] / exact[1]
     assert 6.5 <= ratio <= 9.5 and abs(ratio / true_ratio - 1) < 0.15, (ratio, true_ratio)
 
-    packaged = scheduler_for(embedding_model)
     limit = embedding_model.info.max_length
-    assert packaged.charge(len(t.split()) for t in long_texts) == limit * len(long_texts)
-    assert packaged.charge(len(t.split()) for t in short_texts) <= exact[1]
+    assert charge(long_texts, embedding_model.info) == limit * len(long_texts)
+    assert charge(short_texts, embedding_model.info) <= exact[1]
 
 
 def test_a_request_is_charged_by_its_distinct_texts() -> None:
     """A GRPO group's shared query is charged once; a labelled closed item its reference, not its
     query; an unlabelled item its query (to classify it) and any reference it brings."""
-    from r3_service.engine.admission import demand
-
     group = [RawItem("Name a prime.", f"{n} is prime.", None, "open") for n in (2, 3, 5, 7)]
     assert demand(group) == {"Name a prime.", "2 is prime.", "3 is prime.", "5 is prime.", "7 is prime."}
     closed = RawItem("Fix: teh cat", "The cat", "The cat.", "closed")
@@ -146,7 +150,7 @@ def two_models(tmp_path_factory: pytest.TempPathFactory) -> Iterator:
 def hog(engine, backend: str):
     """An admission past the bound of `backend`'s queue (2,000 texts of the model's full length)."""
     texts = [f"text {i} " + "word " * 600 for i in range(2000)]
-    return engine.admit([RawItem("q", text) for text in texts], engine.backend(backend))
+    return engine.admit(texts, engine.backend(backend))
 
 
 @pytest.mark.parametrize("path, body, params", [
@@ -238,8 +242,8 @@ def test_after_any_history_a_rollout_batch_is_queued_not_refused(fresh_service: 
 @pytest.mark.slow
 def test_after_any_history_an_overload_is_refused_before_admitted_work_finishes(
         tmp_path: Path) -> None:
-    """After a security check's hostile requests (one a response of 5,000 zero-width spaces) and
-    long answers, 400 concurrent 64-item requests from a plain asyncio client: each gets 200 or
+    """After long answers and then a security check's hostile requests (one a response of 5,000
+    zero-width spaces), 400 concurrent 64-item requests from a plain asyncio client: each gets 200 or
     429 (no 5xx, no timeout), and every 429 comes back before any admitted request is answered —
     refusals wait for no one's work, whatever the service saw before. As a sanity bound relative
     to this machine's own speed (benchmarks measure the speed: `r3-loadtest --history ... --burst
@@ -247,8 +251,8 @@ def test_after_any_history_an_overload_is_refused_before_admitted_work_finishes(
     ~20 requests keeps the admitted work short; the history and the burst are the issue's.)"""
     service = start_service(tmp_path, R3_MAX_QUEUE_TOKENS="100000")
     try:
-        assert set(asyncio.run(send_history(service.url, history_bodies("hostile", 30)))) <= {200, 400, 422}
         assert set(asyncio.run(send_history(service.url, history_bodies("long", 64)))) == {200}
+        assert set(asyncio.run(send_history(service.url, history_bodies("hostile", 30)))) <= {200, 400, 422}
         [alone_body] = rollout_bodies(1, 64, "alone")
         alone_started = time.perf_counter()
         assert asyncio.run(post_plain(service.url, "/reward", alone_body, timeout=120))[0] == 200

@@ -10,7 +10,6 @@ import torch
 
 from conftest import save_tiny_bert
 from r3_service.engine.engine import RewardEngine
-from r3_service.engine.resolve import RawItem
 from r3_service.models.embedding import EmbeddingModel
 from r3_service.settings import DEFAULT_MODEL, Settings
 
@@ -83,7 +82,7 @@ def test_the_classifier_reads_its_view_through_a_queue_of_its_own(monkeypatch: p
     layers = engine.pool.embedding(DEFAULT_MODEL, None, "layers")
     assert layers is not mean and layers.model.model is mean.model.model  # one copy of the weights
     # Admission charges the backend's own queue; what the classifier embeds is counted there.
-    admission = engine.admit([RawItem("What is 2+2?", "Four.")], engine.backends["r3"])
+    admission = engine.admit({"What is 2+2?", "Four."}, engine.backends["r3"])
     assert mean.held == admission.tokens > 0 and layers.held == 0
     admission.release()
     assert mean.held == 0

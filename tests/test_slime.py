@@ -13,7 +13,6 @@ import pytest
 from fastapi.testclient import TestClient
 
 from r3_service.api.schemas import Components
-from r3_service.engine.resolve import RawItem
 from r3_service.rule.templates import TEMPLATES
 
 CHATML_SYSTEM = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
@@ -190,7 +189,7 @@ def test_over_the_length_limit_is_a_413_naming_the_field() -> None:
 def test_a_full_queue_is_a_429_with_retry_after(app_client: TestClient) -> None:
     engine = app_client.app.state.engine  # type: ignore[attr-defined]
     texts = [f"text {i} " + "word " * 300 for i in range(2000)]  # each a model's full length of tokens
-    hog = engine.admit([RawItem("q", text) for text in texts], engine.backend(None))  # past the bound
+    hog = engine.admit(texts, engine.backend(None))  # past the bound
     try:
         answer = app_client.post("/slime", json={"prompt": "a", "response": "b"})
     finally:

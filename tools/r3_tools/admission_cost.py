@@ -23,13 +23,12 @@ from pathlib import Path
 
 import orjson
 
-from r3_service.api.early import reward_items
-from r3_service.api.middleware import EarlyAdmission, early_items, too_busy
+from r3_service.api.early import reward_demand
+from r3_service.api.middleware import EarlyAdmission, early_demand, too_busy
 from r3_service.api.routes import prepare_reward
 from r3_service.api.schemas import RewardRequest
-from r3_service.engine.admission import demand
+from r3_service.engine.admission import charge, demand
 from r3_service.engine.engine import RewardEngine
-from r3_service.engine.resolve import RawItem
 from r3_service.engine.scheduler import QueueFull
 from r3_service.settings import Settings
 from r3_tools.loadgen import DATA, make_pairs
@@ -75,11 +74,11 @@ def measure(items: int) -> dict[str, object]:
     prepared = prepare_reward(request, engine, settings, {})
     texts = demand(prepared.items)
     queue = engine.pool.schedulers[next(iter(engine.pool.schedulers))]
-    hog = engine.admit([RawItem("q", f"{i} " + "word " * 400) for i in range(200)], backend)
+    hog = engine.admit({f"{i} " + "word " * 400 for i in range(200)}, backend)
 
     def refuse() -> None:
         try:
-            engine.admit(prepared.items, backend)
+            engine.admit(texts, backend)
         except QueueFull as error:
             too_busy(error).render({"detail": str(error)})
 
@@ -93,20 +92,18 @@ def measure(items: int) -> dict[str, object]:
     assert loop.run_until_complete(refusal_through_middleware(middleware, body)) == 429
     scope = {"type": "http", "path": "/reward", "query_string": b"", "headers": []}
     document = orjson.loads(body)
-    def charge() -> int:
-        return queue.charge(len(t.split()) for t in demand(prepared.items))
 
     steps = {
         "validate (pydantic JSON parser, route's model)": median_us(
             lambda: RewardRequest.model_validate_json(body)),
         "prepare (limits, items, backend)": median_us(lambda: prepare_reward(request, engine, settings, {})),
         "instead: orjson parse": median_us(lambda: orjson.loads(body)),
-        "instead: items from the parsed body (shape, limits)": median_us(
-            lambda: reward_items(document, settings)),
-        "charge (distinct texts, words, tokens)": median_us(charge),
+        "instead: texts from the parsed body (shape, limits, distinct)": median_us(
+            lambda: reward_demand(document, settings)),
+        "charge (words, tokens)": median_us(lambda: charge(texts, queue.model.info)),
         "refuse (hold fails, 429 rendered)": median_us(refuse),
-        "the middleware's read of the items (orjson, shape, limits) + refusal": median_us(lambda: (
-            early_items(scope, body, engine, settings), refuse())),
+        "the middleware's read of the texts (orjson, shape, limits) + refusal": median_us(lambda: (
+            early_demand(scope, body, engine, settings), refuse())),
         "whole refusal through the middleware (ASGI)": median_us(
             lambda: loop.run_until_complete(refusal_through_middleware(middleware, body))),
         "for comparison: json.loads + validation of the object (FastAPI's way)": median_us(
@@ -115,7 +112,7 @@ def measure(items: int) -> dict[str, object]:
     hog.release()
     loop.close()
     return {"items": items, "body_bytes": len(body), "distinct_texts": len(texts),
-            "charged_tokens": queue.charge(len(t.split()) for t in texts),
+            "charged_tokens": charge(texts, queue.model.info),
             "machine": f"{platform.processor() or platform.machine()}, {platform.python_version()}",
             "median_us": steps}
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import hmac
 import time
 
@@ -16,11 +17,11 @@ from starlette.datastructures import QueryParams, State
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from r3_service.api.early import reward_items
+from r3_service.api.early import reward_demand
 from r3_service.api.routes import SCORING
+from r3_service.engine.admission import demand
 from r3_service.engine.backends import RewardBackend
 from r3_service.engine.engine import RewardEngine, UnknownBackend
-from r3_service.engine.resolve import RawItem
 from r3_service.engine.scheduler import QueueFull
 from r3_service.metrics import Metrics
 from r3_service.settings import Settings
@@ -34,6 +35,9 @@ class Observe:
     def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
         self.app = app
         self.metrics = metrics
+        # Each series labelled once: a lookup per request instead of prometheus' labels() call.
+        self._latency = functools.cache(metrics.latency.labels)
+        self._count = functools.cache(lambda endpoint, status: metrics.requests.labels(endpoint, str(status)))
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -52,8 +56,8 @@ class Observe:
         try:
             await self.app(scope, receive, observed_send)
         finally:
-            self.metrics.latency.labels(endpoint).observe(time.perf_counter() - started)
-            self.metrics.requests.labels(endpoint, str(status)).inc()
+            self._latency(endpoint).observe(time.perf_counter() - started)
+            self._count(endpoint, status).inc()
 
 
 OPEN_PATHS = {"/healthz", "/readyz"}  # orchestrators' probes: no key, answered while draining
@@ -205,22 +209,22 @@ def replay(body: bytes, receive: Receive) -> Receive:
     return replayed
 
 
-def early_items(scope: Scope, body: bytes, engine: RewardEngine,
-                settings: Settings) -> tuple[list[RawItem], RewardBackend] | None:
-    """The items the route will score and their backend, read before the route runs: `/reward`
-    by a C-level JSON parse and its shape (`early.reward_items`), the other paths (one templated
-    sample each, or a few) by the route's own model and steps. None when the route must answer
-    instead (400, 413 or 422, exactly as without this middleware)."""
+def early_demand(scope: Scope, body: bytes, engine: RewardEngine,
+                 settings: Settings) -> tuple[set[str], RewardBackend] | None:
+    """The distinct texts the route will embed and their backend, read before the route runs:
+    `/reward` by a C-level JSON parse and its shape (`early.reward_demand`), the other paths (one
+    templated sample each, or a few) by the route's own model and steps. None when the route must
+    answer instead (400, 413 or 422, exactly as without this middleware)."""
     if not sent_as_json(scope):
         return None
     try:
         if scope["path"] == "/reward":
-            found = reward_items(orjson.loads(body), settings)
+            found = reward_demand(orjson.loads(body), settings)
             return None if found is None else (found[0], engine.backend(found[1]))
         schema, prepare_route = SCORING[scope["path"]]
         prepared = prepare_route(schema.model_validate_json(body), engine, settings,
                                  QueryParams(scope["query_string"]))
-        return prepared.items, prepared.backend
+        return demand(prepared.items), prepared.backend
     except (orjson.JSONDecodeError, ValidationError, StarletteHTTPException, UnknownBackend):
         return None
 
@@ -228,7 +232,7 @@ def early_items(scope: Scope, body: bytes, engine: RewardEngine,
 class EarlyAdmission:
     """Admit a scoring request by its own work before its route runs, or answer 429 at once.
 
-    The body is read (BodyLimit bounds it) and its items found (`early_items`: for `/reward` a
+    The body is read (BodyLimit bounds it) and its texts found (`early_demand`: for `/reward` a
     C-level JSON parse, no validation yet), then admitted on its backend's model queues by the
     tokens its texts hold at least (`RewardEngine.admit`): the decision depends on this request
     alone, and a refusal costs a parse and a count, no validation, store lookup, classification
@@ -253,7 +257,7 @@ class EarlyAdmission:
         if body is None:  # the client left: counted as the routes count it (499), never delivered
             await Response(status_code=499)(scope, receive, send)
             return
-        found = early_items(scope, body, engine, self.state.settings)
+        found = early_demand(scope, body, engine, self.state.settings)
         admission = None
         if found is not None:
             try:

@@ -9,12 +9,12 @@ one scheduler (`ModelPool`).
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Sequence
+from collections.abc import Awaitable, Collection, Sequence
 from typing import cast
 
 import torch
 
-from r3_service.engine.admission import Admission, admit
+from r3_service.engine.admission import Admission, admit, demand
 from r3_service.engine.backends import RewardBackend, build_backends
 from r3_service.engine.observe import observe
 from r3_service.engine.pool import ModelPool, describe_model
@@ -96,7 +96,7 @@ class RewardEngine:
         the Ray handle score here). Without an `admission` (from `admit`, which the HTTP
         middleware takes before the route runs), admits the request itself: QueueFull before any
         work when it does not fit. The admission is released when the request is answered."""
-        admission = admission or self.admit(items, backend)
+        admission = admission or self.admit(demand(items), backend)
         try:
             resolved = await self.resolver.resolve(items, classify=backend.uses_query_type)
             results = await backend.score(resolved)
@@ -105,11 +105,12 @@ class RewardEngine:
         observe(self.metrics, backend.name, resolved, results)
         return results
 
-    def admit(self, items: Sequence[RawItem], backend: RewardBackend) -> Admission:
-        """Hold the tokens `items` will embed on each model queue of `backend`, or raise QueueFull.
+    def admit(self, texts: Collection[str], backend: RewardBackend) -> Admission:
+        """Hold the tokens of `texts` (a request's `demand`) on each model queue of `backend`, or
+        raise QueueFull.
         The classifier's queue is not charged: what it embeds (queries of unknown type) is
         already counted on the backend's own queues."""
-        return admit(self._queues[backend.name], items)
+        return admit(self._queues[backend.name], texts)
 
     def info(self) -> dict[str, object]:
         return {

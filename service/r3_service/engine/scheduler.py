@@ -18,7 +18,7 @@ import sys
 import threading
 import time
 from collections import OrderedDict, deque
-from collections.abc import Hashable, Iterable, Sequence
+from collections.abc import Hashable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import suppress
 from dataclasses import dataclass, field
@@ -185,8 +185,6 @@ class BatchScheduler:
         self._task: asyncio.Task[None] | None = None
         self._tokens_per_s = 0.0  # moving average, for Retry-After
         self._held = 0  # tokens admitted requests may still embed (the queue bound's measure)
-        info = model.info
-        self._special_tokens, self._max_length = info.special_tokens, info.max_length
 
     @property
     def queued(self) -> int:
@@ -208,13 +206,6 @@ class BatchScheduler:
     def held(self) -> int:
         return self._held
 
-    def charge(self, words: Iterable[int]) -> int:
-        """Tokens of inputs of `words` whitespace-separated words each, at least: every word
-        gives the tokenizer one token or more, the model adds its special tokens and truncates
-        at its length. Computed without tokenising, so a refusal costs next to nothing."""
-        special, most = self._special_tokens, self._max_length
-        return sum(min(most, special + count) for count in words)
-
     def hold(self, tokens: int) -> None:
         """Admit a request that will embed `tokens` tokens, or raise QueueFull at once.
 
@@ -235,14 +226,14 @@ class BatchScheduler:
         waiting: list[tuple[int, _Entry]] = []
         new: list[_Entry] = []
         loop = asyncio.get_running_loop()
+        hits = misses = 0
         for index, (key, keep) in enumerate(zip(inputs, cacheable, strict=True)):
             row = self.cache.get(key) if keep else None
             if row is not None:
-                self.metrics.cache.labels("hit").inc()
+                hits += 1
                 out[index] = row
                 continue
-            if keep:
-                self.metrics.cache.labels("miss").inc()
+            misses += keep
             entry = self._pending.get(key)
             if entry is None:
                 entry = self._pending[key] = _Entry(key, loop.create_future(), keep)
@@ -252,6 +243,7 @@ class BatchScheduler:
                 entry.waiters += 1
                 entry.cacheable |= keep
             waiting.append((index, entry))
+        self._count_lookups(hits, misses)
         if new:
             self._admit(new)
         try:
@@ -263,6 +255,11 @@ class BatchScheduler:
             self._wake.set()
             raise
         return out
+
+    def _count_lookups(self, hits: int, misses: int) -> None:
+        for outcome, count in (("hit", hits), ("miss", misses)):
+            if count:
+                self.metrics.cache.labels(outcome).inc(count)
 
     def _admit(self, entries: list[_Entry]) -> None:
         """Tokenise off the event loop in a task of its own, so a cancelled request cannot
