@@ -57,7 +57,9 @@ def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
     return float(log_t.detach().exp())
 
 
-def _logistic_regression(x: torch.Tensor, y: torch.Tensor, l2: float) -> tuple[torch.Tensor, float]:
+def _logistic_regression(x: torch.Tensor, y: torch.Tensor, l2: float,
+                         weight: torch.Tensor | None = None) -> tuple[torch.Tensor, float]:
+    """(weights, bias) of an L2-regularised logistic regression; `weight`: one per row (None: 1)."""
     params = torch.zeros(x.shape[1] + 1, requires_grad=True)
     optimiser = torch.optim.LBFGS([params], lr=1.0, max_iter=500, line_search_fn="strong_wolfe")
 
@@ -65,7 +67,7 @@ def _logistic_regression(x: torch.Tensor, y: torch.Tensor, l2: float) -> tuple[t
         optimiser.zero_grad()
         logits = x @ params[:-1] + params[-1]
         penalty = l2 * params[:-1].square().sum()
-        value = torch.nn.functional.binary_cross_entropy_with_logits(logits, y) + penalty
+        value = torch.nn.functional.binary_cross_entropy_with_logits(logits, y, weight=weight) + penalty
         value.backward()
         return value
 

@@ -113,6 +113,7 @@ def components(scored: Scored) -> Components:
         members=scored.members,
         query_type_confidence=scored.query_type_confidence,
         open_branch_weight=scored.open_branch_weight,
+        unpaid=scored.unpaid,
     )
 
 

@@ -84,6 +84,10 @@ class Components(BaseModel):
         description="Soft branch (R3_SOFT_BRANCH): p(open) when the reward is p·R_open + (1-p)·R_closed; "
                     "`relevance` and `relevance_target` still describe the branch of `query_type` (for "
                     "an ensemble: of its R3 member). null: the reward is that branch's alone.")
+    unpaid: dict[str, float] | None = Field(
+        None, description="r3-guarded: the share of the response's word tokens not paid for, by reason "
+                          "(echo, input_echo, restate, repeat, filler); `length_incentive` and `relevance` "
+                          "are then those of the rest. null for other backends.")
 
 
 class RewardResponse(BaseModel):

@@ -8,15 +8,18 @@ scheduler of their model), so concurrent requests share batches whichever backen
 from __future__ import annotations
 
 import asyncio
+import functools
 import math
 from collections.abc import Awaitable, Callable, Hashable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from typing import Protocol
 
 import torch
 
 from r3_service.engine.pool import ModelPool, describe_model
 from r3_service.engine.scheduler import BatchScheduler
+from r3_service.models.filler import FillerHead
+from r3_service.rule.guards import Detection, Tokenised, detect, tokenise
 from r3_service.rule.moments import RunningMoments
 from r3_service.rule.reward import PRESETS, Preset, ResolvedItem, RuleParams, Scored, plain, relevance, score
 from r3_service.settings import (
@@ -43,22 +46,57 @@ class RewardBackend(Protocol):
     def describe(self) -> dict[str, object]: ...
 
 
+@dataclass(frozen=True)
+class FillerDetector:
+    """The filler head over the embeddings of its model's scheduler (`Infer`)."""
+
+    head: FillerHead
+    embed: Infer
+
+    async def flags(self, texts: list[Tokenised], threshold: float) -> list[list[bool]]:
+        """Per response, per sentence: is it generic padding? Each distinct sentence embedded once
+        (and cached: the same pleasantries recur across a run)."""
+        sentences = [text.sentence_texts() for text in texts]
+        distinct = list(dict.fromkeys(s for group in sentences for s in group))
+        if not distinct:
+            return [[] for _ in texts]
+        rows = await self.embed(distinct, [True] * len(distinct))
+        verdict = dict(zip(distinct, (self.head.probability(rows) >= threshold).tolist(), strict=True))
+        return [[verdict[s] for s in group] for group in sentences]
+
+
 class R3Backend:
     def __init__(self, name: str, preset: Preset, params: RuleParams, embed: Infer,
-                 model: dict[str, object]) -> None:
+                 model: dict[str, object], filler: FillerDetector | None = None) -> None:
         self.name = name
         self.preset = preset
         self.params = params
         self.embed = embed
         self.model = model
+        self.filler = filler
         self.uses_relevance = preset.uses_relevance
         self.uses_query_type = preset.uses_query_type
 
     async def score(self, items: list[ResolvedItem]) -> list[Scored]:
         prepared = [self.preset.prepare(item) for item in items]
-        relevance = await self._relevance(prepared)
-        return [score(self.preset, item, s, self.params, s_other)
-                for item, (s, s_other) in zip(prepared, relevance, strict=True)]
+        if not self.preset.guarded:
+            relevance = await self._relevance(prepared)
+            return [score(self.preset, item, s, self.params, s_other)
+                    for item, (s, s_other) in zip(prepared, relevance, strict=True)]
+        detections = await self.detect(prepared)
+        # Relevance of what is paid for: the response less its echoes, repetitions and filler.
+        relevance = await self._relevance([replace(item, response=d.paid_text())
+                                           for item, d in zip(prepared, detections, strict=True)])
+        return [score(self.preset, item, s, self.params, s_other, d)
+                for item, (s, s_other), d in zip(prepared, relevance, detections, strict=True)]
+
+    async def detect(self, items: list[ResolvedItem]) -> list[Detection]:
+        texts = [tokenise(item.response) for item in items]
+        guards = self.params.guards
+        flags = (await self.filler.flags(texts, guards.filler_threshold) if self.filler is not None
+                 else [None] * len(items))
+        return [detect(item.query, text, item.reference, flag, guards)
+                for item, text, flag in zip(items, texts, flags, strict=True)]
 
     async def _relevance(self, items: list[ResolvedItem]) -> list[tuple[float | None, float | None]]:
         """(S of the item's branch, S of the other branch when its reward blends both) for every
@@ -91,6 +129,8 @@ class R3Backend:
             "relevance_out_range": list(self.params.relevance_out_range),
             "lppo_target_length": self.params.lppo_target_length,
             "soft_branch": list(self.params.soft_branch) if self.params.soft_branch else None,
+            **({"guards": asdict(self.params.guards), "filler_head": self.filler.head.model}
+               if self.filler is not None else {}),
         }
 
 
@@ -216,7 +256,18 @@ def r3_backend(name: str, spec: R3BackendSpec, settings: Settings,
     params = rule_params(spec, settings, normalized)
     if scheduler is None:
         return R3Backend(name, preset, params, _no_embedding, {}), ()
-    return R3Backend(name, preset, params, scheduler.run, describe_model(scheduler.model)), (scheduler,)
+    if not preset.guarded:
+        return R3Backend(name, preset, params, scheduler.run, describe_model(scheduler.model)), (scheduler,)
+    head = filler_head()
+    filler = pool.embedding(head.model, None)  # the head's own model: the same queue when it is R3's
+    return (R3Backend(name, preset, params, scheduler.run, describe_model(scheduler.model),
+                      FillerDetector(head, filler.run)),
+            tuple(dict.fromkeys((scheduler, filler))))
+
+
+@functools.cache
+def filler_head() -> FillerHead:
+    return FillerHead.load()
 
 
 async def _no_embedding(texts: Sequence[str], cacheable: Sequence[bool]) -> torch.Tensor:

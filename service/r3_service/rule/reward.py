@@ -17,11 +17,12 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Literal, Protocol, TypeVar
 
 from r3_service.rule.copying import copy_overlap
-from r3_service.rule.features import Features, features, linear_map, lppo
+from r3_service.rule.features import Features, features, length_incentive, linear_map, lppo
+from r3_service.rule.guards import Detection, GuardParams, guarded_reward
 from r3_service.rule.querytypes import QueryType
 
 RelevanceTarget = Literal["query", "reference"]
@@ -57,6 +58,7 @@ class Scored:
     # Probability of the type used; None unless a classifier with probabilities gave the type.
     query_type_confidence: float | None = None
     open_branch_weight: float | None = None  # p(open) when the reward blends both branches
+    unpaid: dict[str, float] | None = None  # a guarded preset's unpaid shares by reason
 
 
 @dataclass(frozen=True)
@@ -67,6 +69,7 @@ class RuleParams:
     # [lo, hi] on p(open), inclusive: the band of classifier answers whose reward blends both
     # branches; None: always the hard branch.
     soft_branch: tuple[float, float] | None = None
+    guards: GuardParams = field(default_factory=GuardParams)  # r3-guarded's detectors and penalty
 
 
 class Rows(Protocol):
@@ -143,6 +146,9 @@ class Preset:
     uses_query_type: bool = False
     # Applied to each resolved item before anything else (r3-random-type re-draws the type).
     prepare: Callable[[ResolvedItem], ResolvedItem] = _unchanged
+    # Whether it pays only for the response's content (`rule.guards`): relevance and length of the
+    # paid text, less a share for the rest.
+    guarded: bool = False
 
     @property
     def uses_relevance(self) -> bool:
@@ -178,6 +184,10 @@ PRESETS: dict[str, Preset] = {
         Preset("r3-novel", "R3 x (1 - share of the response's words copied from the query in 4-grams "
                "the reference does not share): closes the copy-the-question hole (beyond the paper)",
                _r3_novel, _branch_target, uses_query_type=True),
+        Preset("r3-guarded", "R3 of the response's content only: an echo or rewording of the question, "
+               "repeated text and generic filler earn no length and no relevance, and cost a share of the "
+               "reward (rule.guards; beyond the paper)", _r3, _branch_target, uses_query_type=True,
+               guarded=True),
         Preset("r3-no-branch", "LI·S(x,y)·RP always (R3 without reference-answer relevance)",
                _open_rule, _always_query),
         Preset("li-rp", "LI·RP (no relevance)",
@@ -194,14 +204,23 @@ PRESETS: dict[str, Preset] = {
 
 
 def score(preset: Preset, item: ResolvedItem, s: float | None, params: RuleParams,
-          s_other: float | None = None) -> Scored:
+          s_other: float | None = None, detection: Detection | None = None) -> Scored:
     """One item's reward and parts; `item` has been through `preset.prepare`, `s` is its S and
-    `s_other` the S of the other branch (`preset.other_pair`), needed only when it blends."""
+    `s_other` the S of the other branch (`preset.other_pair`), needed only when it blends. A
+    guarded preset passes the response's `detection`, and S of its paid text."""
     f = features(item.response)
+    if detection is not None:
+        paid = detection.paid_tokens
+        f = replace(f, length_incentive=length_incentive(paid), token_count=len(paid))
     pair = preset.relevance_pair(item)
     weight = preset.open_weight(item, params)
-    reward = (preset.combine(item, f, s, params) if weight is None
-              else blend(preset, item, f, s, s_other, params, weight))
+    if detection is not None and not detection.paid_tokens:
+        reward = 0.0  # nothing but echo, repetition and filler
+    else:
+        reward = (preset.combine(item, f, s, params) if weight is None
+                  else blend(preset, item, f, s, s_other, params, weight))
+    if detection is not None:
+        reward = guarded_reward(reward, detection, params.guards)
     return Scored(
         reward=float(reward),
         length_incentive=f.length_incentive,
@@ -213,6 +232,7 @@ def score(preset: Preset, item: ResolvedItem, s: float | None, params: RuleParam
         reference_source=item.reference_source,
         query_type_confidence=query_type_confidence(item),
         open_branch_weight=weight,
+        unpaid=dict(detection.shares) if detection is not None else None,
     )
 
 

@@ -1,0 +1,223 @@
+"""What a response says besides its content (beyond the paper): the detectors behind `r3-guarded`,
+the live hack metrics and the trainer's hack signals, so all three see the same thing.
+
+A response is split once into sentences and R3's word tokens (`Tokenised`). Each token is then
+either paid or marked with the reason it is not:
+
+- `echo`: inside a verbatim copy of (nearly) all of the query's instruction or input, in word
+  4-grams the reference answer does not also copy. A phrase of the question inside an answer
+  ("the capital of France") is no echo; the question pasted whole is.
+- `input_echo`: the same, where the copy is of the query's input section (an editing task
+  answered with its input unchanged).
+- `restate`: a sentence whose content words (stop words aside, 5-letter stems) come mostly from
+  the query (share ≥ `restate_share`) and cover much of it (≥ `restate_cover`): the question
+  reworded, which carries no answer. Stems the reference also has are the answer's, not a copy.
+- `repeat`: a word n-gram (n = `repeat_ngram`) seen earlier in the response: the text pasted again.
+- `filler`: a sentence the filler head (`models.filler`, over sentence embeddings) calls generic
+  padding: pleasantries, hedges and statements that would fit any question. Needs a model, so
+  only where one runs (the service); the pure-Python detectors run anywhere.
+
+Pure Python: no torch.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from r3_service.rule.features import word_tokens
+
+INPUT_MARKER = "### Input:"
+REASONS = ("echo", "input_echo", "restate", "repeat", "filler")
+# A sentence ends at . ! or ? before whitespace, or at a line break.
+_SENTENCE_END = re.compile(r"[.!?](?=\s)|\n")
+_TOKEN = re.compile(r"\w+|[^\w\s]+")  # features.word_tokens, with positions
+_ECHO_NGRAM = 4
+STEM = 5
+_STOP_WORDS_TEXT = """
+a about above after again against all also am an and any are as at be because been before being
+below between both but by can could did do does doing down during each few for from further had has
+have having he her here hers herself him himself his how i if in into is it its itself just let me
+might more most must my myself no nor not now of off on once one only or other our ours ourselves
+out over own please same shall she should so some such than that the their theirs them themselves
+then there these they this those through to too under until up us very was we were what when where
+which while who whom why will with would you your yours yourself yourselves following given input
+output
+"""
+STOP_WORDS = frozenset(_STOP_WORDS_TEXT.split())
+
+
+@dataclass(frozen=True)
+class GuardParams:
+    """The knobs of the detectors and of the guarded reward (defaults: bench/results/guards/)."""
+
+    restate_share: float = 0.7
+    restate_cover: float = 0.5
+    echo_slack: int = 1  # an echo may miss this many of the copied part's tokens
+    echo_min: int = 6  # ...but is never shorter than this (or the part, when shorter)
+    repeat_ngram: int = 6
+    filler_threshold: float = 0.5  # p(filler) from the head at or above which a sentence is padding
+    # R_guarded = R(paid text) − |R(paid text)| · penalty · unpaid share
+    penalty: float = 0.5
+
+
+@dataclass(frozen=True)
+class Tokenised:
+    """One response, split once: R3's word tokens with their character spans, and sentences."""
+
+    text: str
+    tokens: list[str]
+    spans: list[tuple[int, int]]
+    sentence_of: list[int]  # the sentence of each token
+    sentences: list[tuple[int, int]]  # character spans
+
+    def sentence_texts(self) -> list[str]:
+        return [self.text[a:b].strip() for a, b in self.sentences]
+
+
+def tokenise(text: str) -> Tokenised:
+    """Sentences (cut after . ! ? before whitespace, and at line breaks) and word tokens; the
+    tokens are exactly `features.word_tokens(text)`."""
+    sentences: list[tuple[int, int]] = []
+    start = 0
+    for end in _SENTENCE_END.finditer(text):
+        if text[start:end.end()].strip():
+            sentences.append((start, end.end()))
+        start = end.end()
+    if text[start:].strip():
+        sentences.append((start, len(text)))
+    tokens, spans, sentence_of = [], [], []
+    for index, (a, b) in enumerate(sentences):
+        for match in _TOKEN.finditer(text, a, b):
+            tokens.append(match.group())
+            spans.append(match.span())
+            sentence_of.append(index)
+    return Tokenised(text, tokens, spans, sentence_of, sentences)
+
+
+@dataclass(frozen=True)
+class Detection:
+    """Why each token of a response is not paid (None: paid), and what is left to pay for."""
+
+    tokenised: Tokenised
+    unpaid: list[str | None]
+    shares: dict[str, float] = field(default_factory=dict)  # reason -> share of the tokens
+
+    @property
+    def unpaid_share(self) -> float:
+        n = len(self.unpaid)
+        return sum(reason is not None for reason in self.unpaid) / n if n else 0.0
+
+    @property
+    def paid_tokens(self) -> list[str]:
+        return [t for t, reason in zip(self.tokenised.tokens, self.unpaid, strict=True) if reason is None]
+
+    def paid_text(self) -> str:
+        """The response with its unpaid tokens cut out (the runs left joined by a space); the
+        response itself when all of it is paid, so its embedding is the one R3 uses."""
+        if not any(self.unpaid):
+            return self.tokenised.text
+        runs: list[list[int]] = []
+        for (a, b), reason in zip(self.tokenised.spans, self.unpaid, strict=True):
+            if reason is not None:
+                runs.append([])
+            elif runs and runs[-1]:
+                runs[-1][1] = b
+            else:
+                runs.append([a, b])
+        return " ".join(self.tokenised.text[run[0]:run[1]] for run in runs if run)
+
+
+def _lower(tokens: Sequence[str]) -> list[str]:
+    return [t.lower() for t in tokens]
+
+
+def _ngrams(tokens: Sequence[str], n: int) -> set[tuple[str, ...]]:
+    return {tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1)}
+
+
+def content_stems(tokens: Sequence[str]) -> set[str]:
+    return {t[:STEM].lower() for t in tokens if t.isalpha() and t.lower() not in STOP_WORDS}
+
+
+def _mark(unpaid: list[str | None], indices: range | Sequence[int], reason: str) -> None:
+    for i in indices:
+        unpaid[i] = unpaid[i] or reason
+
+
+def _echoes(query: str, tokens: list[str], reference: list[str], unpaid: list[str | None],
+            params: GuardParams) -> None:
+    """Mark runs of the response inside the query's 4-grams (less the reference's) that copy
+    (nearly) all of the query's instruction or of its input section."""
+    instruction, _, section = query.partition(INPUT_MARKER)
+    parts = [(word_tokens(instruction), "echo"), (word_tokens(section), "input_echo")]
+    lowered = _lower(tokens)
+    exempt = _lower(reference)
+    for part, reason in parts:
+        size = min(_ECHO_NGRAM, len(part))
+        if not size:
+            continue
+        grams = _ngrams(_lower(part), size) - _ngrams(exempt, size)
+        need = max(min(params.echo_min, len(part)), len(part) - params.echo_slack)
+        mask = [False] * len(tokens)
+        for i in range(len(tokens) - size + 1):
+            if tuple(lowered[i:i + size]) in grams:
+                mask[i:i + size] = [True] * size
+        start = None
+        for i, copied in enumerate([*mask, False]):
+            if copied and start is None:
+                start = i
+            elif not copied and start is not None:
+                if i - start >= need:
+                    _mark(unpaid, range(start, i), reason)
+                start = None
+
+
+def _repeats(tokens: list[str], unpaid: list[str | None], n: int) -> None:
+    seen: set[tuple[str, ...]] = set()
+    lowered = _lower(tokens)
+    for i in range(len(tokens) - n + 1):
+        gram = tuple(lowered[i:i + n])
+        if gram in seen:
+            _mark(unpaid, range(i, i + n), "repeat")
+        seen.add(gram)
+
+
+def _sentences(text: Tokenised, query_stems: set[str], filler: Sequence[bool] | None,
+               unpaid: list[str | None], params: GuardParams) -> None:
+    members: list[list[int]] = [[] for _ in text.sentences]
+    for i, sentence in enumerate(text.sentence_of):
+        members[sentence].append(i)
+    for sentence, indices in enumerate(members):
+        stems = content_stems([text.tokens[i] for i in indices])
+        shared = len(stems & query_stems)
+        if (len(stems) >= 2 and query_stems and shared / len(stems) >= params.restate_share
+                and shared / len(query_stems) >= params.restate_cover):
+            _mark(unpaid, indices, "restate")
+        elif filler is not None and filler[sentence]:
+            _mark(unpaid, indices, "filler")
+
+
+def detect(query: str, text: Tokenised, reference: str | None = None, filler: Sequence[bool] | None = None,
+           params: GuardParams = GuardParams()) -> Detection:
+    """Every detector on one response; `filler`: the head's verdict per sentence, or None where
+    no head runs (then nothing is marked filler)."""
+    unpaid: list[str | None] = [None] * len(text.tokens)
+    reference_tokens = word_tokens(reference) if reference else []
+    _echoes(query, text.tokens, reference_tokens, unpaid, params)
+    _repeats(text.tokens, unpaid, params.repeat_ngram)
+    query_stems = content_stems(word_tokens(query)) - content_stems(reference_tokens)
+    _sentences(text, query_stems, filler, unpaid, params)
+    n = len(unpaid)
+    shares = {reason: (sum(r == reason for r in unpaid) / n if n else 0.0) for reason in REASONS}
+    return Detection(text, unpaid, shares)
+
+
+def guarded_reward(base: float, detection: Detection, params: GuardParams) -> float:
+    """The reward of the paid text, less a share of its size for what was not paid: padding
+    never raises a reward, and strictly lowers it when the rest is the same."""
+    if math.isnan(base):
+        return base
+    return base - abs(base) * params.penalty * detection.unpaid_share

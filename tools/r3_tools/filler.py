@@ -1,0 +1,118 @@
+"""Train the filler head (`models/filler_head.json`): generic padding sentences against the
+sentences of honest answers.
+
+Positives: `TRAINING_FILLER` below (generic statements, closers, openers). Negatives: every
+sentence of the reference answers of the design fold (`design_rows`: the strict split's first
+fold, each leading word's queries in one fold). The validation fold and the audit's held-out
+filler styles (`hacks.HELD_OUT_FILLER`) are never seen here, so the audit measures the head on
+padding it was not fitted to.
+
+    python -m r3_tools.filler [--data data/alpacafarm_val.json] [--out PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+from r3_service.models.embedding import EmbeddingModel
+from r3_service.models.filler import HEAD_PATH, FillerHead
+from r3_service.rule.features import clean_response
+from r3_service.rule.guards import tokenise
+from r3_service.settings import DEFAULT_MODEL
+from r3_tools.heads import _logistic_regression
+from r3_tools.qtype_splits import grouped_folds
+
+DATA = Path("data/alpacafarm_val.json")
+L2 = 1e-3
+TRAINING_FILLER = (
+    # generic statements
+    "This is an important question and there are many things to consider.",
+    "There are several factors that play a role here.",
+    "It is worth thinking about this carefully from different angles.",
+    "Many people have different opinions on this topic.",
+    "In general, the answer depends on the situation.",
+    "It is always good to keep the bigger picture in mind.",
+    "This is a common question that comes up quite often.",
+    "Overall, there is a lot more that could be said about it.",
+    "There is no single right answer to this.",
+    "Everyone's experience is a little bit different.",
+    "It really depends on a number of different things.",
+    "This topic has been discussed for a long time.",
+    "There are pros and cons to every approach.",
+    "Things are not always as simple as they seem.",
+    "It is a complex issue with many sides to it.",
+    "The details can vary quite a bit from case to case.",
+    # closers
+    "I hope this helps!",
+    "Let me know if you have any other questions.",
+    "Feel free to reach out anytime if you need more help.",
+    "Have a wonderful day!",
+    "I hope you found this information useful.",
+    "Please don't hesitate to ask if anything is unclear.",
+    "Good luck with everything!",
+    "Thanks for reading, and take care.",
+    "I'm always here if you need anything else.",
+    "Let me know if you would like more details.",
+    "Hope that answers your question!",
+    "Best of luck to you!",
+    # openers and talk about the answer
+    "Sure, I can help with that.",
+    "Of course! Here is my answer.",
+    "Absolutely, let me explain.",
+    "That's a really interesting question.",
+    "Thanks for your question.",
+    "I'd be glad to help with this.",
+    "Here is what I think about it.",
+    "Let me walk you through it.",
+    "Certainly, here you go.",
+    "What a thoughtful thing to ask.",
+    "I understand why you are asking this.",
+    "Let's take a look at this together.",
+)
+
+
+def design_rows(queries: list[str]) -> list[int]:
+    """The design fold: the strict split's first of two folds (grouped by leading word)."""
+    return grouped_folds(queries, 2)[0]
+
+
+def honest_sentences(path: Path) -> list[str]:
+    records = json.loads(path.read_text(encoding="utf-8"))
+    queries = [r["input"] for r in records]
+    out: list[str] = []
+    for row in design_rows(queries):
+        out += tokenise(clean_response(records[row]["output"])).sentence_texts()
+    return list(dict.fromkeys(out))
+
+
+def train(path: Path, model_name: str = DEFAULT_MODEL) -> FillerHead:
+    negatives = honest_sentences(path)
+    texts = [*negatives, *TRAINING_FILLER]
+    model = EmbeddingModel(model_name, device="cpu")
+    x = torch.nn.functional.normalize(model.embed(texts), dim=-1)
+    y = torch.tensor([0.0] * len(negatives) + [1.0] * len(TRAINING_FILLER))
+    # Each class weighs as much as the other, whatever their sizes.
+    weight = torch.where(y > 0, len(texts) / (2 * len(TRAINING_FILLER)), len(texts) / (2 * len(negatives)))
+    weights, bias = _logistic_regression(x, y, L2, weight)
+    return FillerHead(model_name, weights, bias, {
+        "data": str(path), "fold": "design (grouped_folds(queries, 2)[0])", "negatives": len(negatives),
+        "positives": len(TRAINING_FILLER), "l2": L2})
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m r3_tools.filler", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data", type=Path, default=DATA)
+    parser.add_argument("--out", type=Path, default=HEAD_PATH)
+    args = parser.parse_args(argv)
+    head = train(args.data)
+    head.save(args.out)
+    print(f"wrote {args.out} ({head.meta['negatives']} honest sentences, {head.meta['positives']} filler)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
