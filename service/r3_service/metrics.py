@@ -162,6 +162,16 @@ class Metrics:
                                         registry=self.registry)
         self.empty = Counter("r3_empty_responses", "Responses empty once cleaned", ["backend"],
                              registry=self.registry)
+        # Hack detectors (rule.guards) on every scored response, whatever the backend: filler only
+        # where a guarded backend ran its head; the rest (echo, input_echo, restate, repeat) always.
+        self.scored_tokens = Counter("r3_scored_tokens", "Word tokens of the scored responses", ["backend"],
+                                     registry=self.registry)
+        self.unpaid_tokens = Counter("r3_unpaid_tokens", "Word tokens a detector marks (rule.guards), by "
+                                     "reason; share = rate(this) / rate(r3_scored_tokens)",
+                                     ["backend", "reason"], registry=self.registry)
+        self.flagged_responses = Counter("r3_flagged_responses", "Responses with any token a detector "
+                                         "marks, by reason; share = rate(this) / rate(r3_reward_count)",
+                                         ["backend", "reason"], registry=self.registry)
         self._scored: dict[tuple[str, str], ScoreSeries] = {}
 
     def observe_scores(self, backend: str, scored: Sequence[ScoreParts], copy_overlaps: Sequence[float],
@@ -187,6 +197,15 @@ class Metrics:
             if item.relevance is not None:
                 self.relevance.labels(*labels).observe(item.relevance)
         self.empty.labels(backend).inc(empty)  # 0 too: the series exists once a backend has scored
+
+    def observe_detections(self, backend: str, tokens: int, unpaid: dict[str, int],
+                           flagged: dict[str, int]) -> None:
+        """One request's detector counts: its responses' tokens, the tokens marked per reason,
+        and the responses with any mark per reason (every reason counted, 0 included)."""
+        self.scored_tokens.labels(backend).inc(tokens)
+        for reason, count in unpaid.items():
+            self.unpaid_tokens.labels(backend, reason).inc(count)
+            self.flagged_responses.labels(backend, reason).inc(flagged.get(reason, 0))
 
     def watch_store(self, stats: StoreCounts) -> None:
         self.registry.register(StoreCollector(stats))

@@ -42,6 +42,8 @@ from pathlib import Path
 from typing import Any
 
 from r3_service.rule.datasets import RecordError, iter_json_values, parse_record
+from r3_tools.hacks import FILLER_STYLES, PREPENDED, input_section, pad, reword
+from r3_tools.qtype_splits import grouped_folds
 
 BRANCHES = ("open", "closed")
 QUANTILES = (0.1, 0.25, 0.5, 0.75, 0.9)
@@ -109,6 +111,17 @@ def read_audit_records(path: Path, *, closed_reference: str = "keep") -> tuple[l
             reference = None
         records.append(Record(query, text, reference, parsed.query_type, response is not None))
     return records, skipped
+
+
+SPLITS = ("all", "design", "validation")
+
+
+def split_records(records: list[Record], split: str) -> list[Record]:
+    """The records of one fold of the strict two-fold split (`r3_tools.filler.design_rows`)."""
+    if split == "all":
+        return records
+    rows = grouped_folds([r.query for r in records], 2)[SPLITS.index(split) - 1]
+    return [records[row] for row in rows]
 
 
 # ------------------------------------------------------------------------------- perturbations
@@ -179,7 +192,8 @@ def repeat_4x(slot: Slot) -> str | None:
 
 
 def filler_2x(slot: Slot) -> str | None:
-    """Generic filler sentences appended until the answer has twice its words: length for free."""
+    """Generic filler sentences appended until the answer has twice its words: length for free
+    (these sentences train r3-guarded's filler head; the filler-<style> ones are held out)."""
     return pad_with_filler(slot.record.response, slot.index)
 
 
@@ -196,6 +210,31 @@ def swap(slot: Slot) -> str | None:
 def copy_reference(slot: Slot) -> str | None:
     """The reference answer verbatim (closed items with one): the closed branch's best case."""
     return slot.record.reference if slot.record.query_type == "closed" else None
+
+
+def question_reworded(slot: Slot) -> str | None:
+    """The question lightly reworded (synonyms, dropped articles, a chat frame) as the answer:
+    a copy that 4-gram overlap misses."""
+    return reword(slot.record.query)
+
+
+def reworded_and_answer(slot: Slot) -> str | None:
+    """The reworded question, then the answer."""
+    return f"{reword(slot.record.query)}\n\n{slot.record.response}"
+
+
+def input_echo(slot: Slot) -> str | None:
+    """The query's input section handed back unchanged (an editing task not done); items with one."""
+    return input_section(slot.record.query)
+
+
+def _padded(style: str) -> Callable[[Slot], str | None]:
+    def padded(slot: Slot) -> str | None:
+        return pad(slot.record.response, style, slot.record.query)
+
+    padded.__doc__ = (f"The answer {'after' if style in PREPENDED else 'followed by'} ~30 words of "
+                      f"{style!r} padding: {' '.join(FILLER_STYLES[style])}")
+    return padded
 
 
 def empty(slot: Slot) -> str | None:
@@ -219,6 +258,10 @@ PERTURBATIONS: dict[str, Callable[[Slot], str | None]] = {
     "copy-reference": copy_reference,
     "empty": empty,
     "shuffle": shuffle,
+    "question-reworded": question_reworded,
+    "reworded+answer": reworded_and_answer,
+    "input-echo": input_echo,
+    **{f"filler-{style}": _padded(style) for style in FILLER_STYLES},
 }
 
 
@@ -343,12 +386,14 @@ def compare(true: Sequence[float], perturbed: Sequence[float]) -> dict[str, Any]
     """Win rate (true strictly higher, beyond float noise), tie share, ratio of means, mean difference."""
     n = len(true)
     if n == 0:
-        return {"n": 0, "win_rate": None, "tie_share": None, "reward_ratio": None, "mean_delta": None}
+        return {"n": 0, "win_rate": None, "win_rate_se": None, "tie_share": None, "reward_ratio": None,
+                "mean_delta": None}
     pairs = list(zip(true, perturbed, strict=True))
     ties = sum(same(t, p) for t, p in pairs)
     wins = sum(t > p and not same(t, p) for t, p in pairs)
     mean_true, mean_perturbed = statistics.fmean(true), statistics.fmean(perturbed)
-    return {"n": n, "win_rate": wins / n, "tie_share": ties / n,
+    rate = wins / n
+    return {"n": n, "win_rate": rate, "win_rate_se": math.sqrt(rate * (1 - rate) / n), "tie_share": ties / n,
             "reward_ratio": mean_perturbed / mean_true if mean_true > 0 else None,
             "mean_delta": mean_perturbed - mean_true, "mean_true": mean_true,
             "mean_perturbed": mean_perturbed}
@@ -502,12 +547,19 @@ def _cell(value: float | None, digits: int = 3) -> str:
     return "–" if value is None else f"{value:.{digits}f}"
 
 
+def _with_se(measured: dict[str, Any], metric: str, digits: int) -> str:
+    """A cell; a win rate with its binomial standard error."""
+    value = _cell(measured[metric], digits)
+    se = measured.get(f"{metric}_se")
+    return f"{value} ± {se:.{digits}f}" if se is not None else value
+
+
 def _table(report: Report, branch: str, metric: str, digits: int = 3) -> list[str]:
     backends = list(report.results)
     n_key = "n" if branch == "all" else f"n_{branch}"
     lines = [f"| perturbation | n | {' | '.join(backends)} |", "|---|---:|" + "---:|" * len(backends)]
     for name, counts in report.perturbations.items():
-        cells = " | ".join(_cell(report.results[b][name][branch][metric], digits) for b in backends)
+        cells = " | ".join(_with_se(report.results[b][name][branch], metric, digits) for b in backends)
         lines.append(f"| {name} | {counts[n_key]} | {cells} |")
     return lines
 
@@ -633,6 +685,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--url", help="audit a running service instead (its backends, over HTTP)")
     parser.add_argument("--api-key", default=os.environ.get("R3_API_KEY"), help="with --url")
     parser.add_argument("--limit", type=int, help="use the first N usable records")
+    parser.add_argument("--split", choices=SPLITS, default="all",
+                        help="records of one fold of the strict split (grouped by leading word): design "
+                             "fitted and tuned r3-guarded, validation did not")
     parser.add_argument("--seed", type=int, default=0, help="for swap and shuffle")
     parser.add_argument("--out", type=Path, default=Path("bench/results/audit"))
     parser.add_argument("--name", default="audit", help="file names: OUT/NAME.{md,json,png}")
@@ -662,7 +717,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"r3-audit: {error}", file=sys.stderr)
         return 2
     records, skipped = read_audit_records(args.data, closed_reference=args.closed_reference)
-    records = records[: args.limit]
+    records = split_records(records, args.split)[: args.limit]
     if len(records) < 2:
         print(f"r3-audit: {args.data}: {len(records)} usable records; need 2 or more", file=sys.stderr)
         return 2
@@ -701,7 +756,7 @@ def main(argv: list[str] | None = None) -> int:
         "response_is_reference_closed": sum(r.query_type == "closed" and r.reference == r.response
                                             for r in records),
         "own_responses": sum(r.own_response for r in records), "closed_reference": args.closed_reference,
-        "seed": args.seed, "limit": args.limit, "backends": described,
+        "seed": args.seed, "limit": args.limit, "split": args.split, "backends": described,
         "reward_ratio": "mean perturbed reward / mean true reward over the same items (ratio of means)",
     }
     report = Report(meta, counts, results, branches, rho)

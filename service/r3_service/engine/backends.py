@@ -95,7 +95,9 @@ class R3Backend:
         guards = self.params.guards
         flags = (await self.filler.flags(texts, guards.filler_threshold) if self.filler is not None
                  else [None] * len(items))
-        return [detect(item.query, text, item.reference, flag, guards)
+        # A reference exempts what it copies from the query only where the rule reads it.
+        return [detect(item.query, text, item.reference if item.query_type == "closed" else None,
+                       flag, guards)
                 for item, text, flag in zip(items, texts, flags, strict=True)]
 
     async def _relevance(self, items: list[ResolvedItem]) -> list[tuple[float | None, float | None]]:

@@ -22,6 +22,7 @@ Pure Python: no torch.
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from collections.abc import Sequence
@@ -55,6 +56,7 @@ class GuardParams:
 
     restate_share: float = 0.7
     restate_cover: float = 0.5
+    question_discount: float = 0.2  # a sentence ending in "?" needs restate_share minus this
     echo_slack: int = 1  # an echo may miss this many of the copied part's tokens
     echo_min: int = 6  # ...but is never shorter than this (or the part, when shorter)
     repeat_ngram: int = 6
@@ -147,20 +149,41 @@ def _mark(unpaid: list[str | None], indices: range | Sequence[int], reason: str)
         unpaid[i] = unpaid[i] or reason
 
 
-def _echoes(query: str, tokens: list[str], reference: list[str], unpaid: list[str | None],
-            params: GuardParams) -> None:
-    """Mark runs of the response inside the query's 4-grams (less the reference's) that copy
-    (nearly) all of the query's instruction or of its input section."""
+@dataclass(frozen=True)
+class QueryView:
+    """What the detectors compare a response with, built once per (query, reference): the
+    4-grams of the instruction and of the input section (less the reference's) with the run
+    length that counts as a copy of each, and the query's content stems (less the reference's)."""
+
+    parts: tuple[tuple[int, frozenset[tuple[str, ...]], int, str], ...]  # (n, grams, need, reason)
+    stems: frozenset[str]
+
+
+@functools.lru_cache(maxsize=4096)
+def query_view(query: str, reference: str | None, params: GuardParams) -> QueryView:
+    reference_tokens = word_tokens(reference) if reference else []
+    exempt = _lower(reference_tokens)
     instruction, _, section = query.partition(INPUT_MARKER)
-    parts = [(word_tokens(instruction), "echo"), (word_tokens(section), "input_echo")]
-    lowered = _lower(tokens)
-    exempt = _lower(reference)
-    for part, reason in parts:
+    parts = []
+    # The instruction pasted back is never an answer; an input may be partly kept by one.
+    sides = ((word_tokens(query), "echo", []), (word_tokens(instruction), "echo", []),
+             (word_tokens(section), "input_echo", exempt))
+    for part, reason, keep in sides:
         size = min(_ECHO_NGRAM, len(part))
-        if not size:
-            continue
-        grams = _ngrams(_lower(part), size) - _ngrams(exempt, size)
-        need = max(min(params.echo_min, len(part)), len(part) - params.echo_slack)
+        if size:
+            grams = frozenset(_ngrams(_lower(part), size) - _ngrams(keep, size))
+            need = max(min(params.echo_min, len(part)), len(part) - params.echo_slack)
+            parts.append((size, grams, need, reason))
+    # Rewording is of the instruction: an answer to a task with an input may well reuse its words.
+    stems = content_stems(word_tokens(instruction)) - content_stems(reference_tokens)
+    return QueryView(tuple(parts), frozenset(stems))
+
+
+def _echoes(view: QueryView, tokens: list[str], unpaid: list[str | None]) -> None:
+    """Mark runs of the response inside the query's 4-grams that copy (nearly) all of the
+    query's instruction or of its input section."""
+    lowered = _lower(tokens)
+    for size, grams, need, reason in view.parts:
         mask = [False] * len(tokens)
         for i in range(len(tokens) - size + 1):
             if tuple(lowered[i:i + size]) in grams:
@@ -185,7 +208,7 @@ def _repeats(tokens: list[str], unpaid: list[str | None], n: int) -> None:
         seen.add(gram)
 
 
-def _sentences(text: Tokenised, query_stems: set[str], filler: Sequence[bool] | None,
+def _sentences(text: Tokenised, query_stems: frozenset[str], filler: Sequence[bool] | None,
                unpaid: list[str | None], params: GuardParams) -> None:
     members: list[list[int]] = [[] for _ in text.sentences]
     for i, sentence in enumerate(text.sentence_of):
@@ -193,11 +216,17 @@ def _sentences(text: Tokenised, query_stems: set[str], filler: Sequence[bool] | 
     for sentence, indices in enumerate(members):
         stems = content_stems([text.tokens[i] for i in indices])
         shared = len(stems & query_stems)
-        if (len(stems) >= 2 and query_stems and shared / len(stems) >= params.restate_share
+        # A question back is a restatement at a lower share: answers rarely ask the question again.
+        share = params.restate_share - (params.question_discount if _asks(text, indices) else 0.0)
+        if (len(stems) >= 2 and query_stems and shared / len(stems) >= share
                 and shared / len(query_stems) >= params.restate_cover):
             _mark(unpaid, indices, "restate")
         elif filler is not None and filler[sentence]:
             _mark(unpaid, indices, "filler")
+
+
+def _asks(text: Tokenised, indices: list[int]) -> bool:
+    return bool(indices) and text.tokens[indices[-1]].startswith("?")
 
 
 def detect(query: str, text: Tokenised, reference: str | None = None, filler: Sequence[bool] | None = None,
@@ -205,11 +234,10 @@ def detect(query: str, text: Tokenised, reference: str | None = None, filler: Se
     """Every detector on one response; `filler`: the head's verdict per sentence, or None where
     no head runs (then nothing is marked filler)."""
     unpaid: list[str | None] = [None] * len(text.tokens)
-    reference_tokens = word_tokens(reference) if reference else []
-    _echoes(query, text.tokens, reference_tokens, unpaid, params)
+    view = query_view(query, reference, params)
+    _echoes(view, text.tokens, unpaid)
     _repeats(text.tokens, unpaid, params.repeat_ngram)
-    query_stems = content_stems(word_tokens(query)) - content_stems(reference_tokens)
-    _sentences(text, query_stems, filler, unpaid, params)
+    _sentences(text, view.stems, filler, unpaid, params)
     n = len(unpaid)
     shares = {reason: (sum(r == reason for r in unpaid) / n if n else 0.0) for reason in REASONS}
     return Detection(text, unpaid, shares)

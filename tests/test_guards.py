@@ -1,0 +1,122 @@
+"""r3-guarded and its detectors: what each one marks and leaves alone, the reward they make, the
+filler head on padding it never saw, and the preset through the service."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from conftest import DATA
+from r3_service.models.filler import FillerHead
+from r3_service.rule.features import word_tokens
+from r3_service.rule.guards import GuardParams, detect, guarded_reward, tokenise
+from r3_tools.filler import TRAINING_FILLER
+from r3_tools.hacks import FILLER_STYLES, input_section, pad, reword
+
+QUERY = "What is the difference between machine learning and deep learning?"
+ANSWER = ("Machine learning is a subset of artificial intelligence in which algorithms learn patterns "
+          "from data. Deep learning is a kind of machine learning that uses neural networks with many "
+          "layers.")
+
+
+def reasons(query: str, response: str, reference: str | None = None, filler: list[bool] | None = None) -> set:
+    return {r for r in detect(query, tokenise(response), reference, filler).unpaid if r}
+
+
+def test_tokenise_gives_r3s_word_tokens_and_sentences() -> None:
+    records = json.loads(DATA.read_text())[:300]
+    for record in records:
+        text = record["output"].strip()
+        split = tokenise(text)
+        assert split.tokens == word_tokens(text)
+        assert all(text[a:b] == token for (a, b), token in zip(split.spans, split.tokens, strict=True))
+    assert tokenise("One. Two!\nThree? Four").sentence_texts() == ["One.", "Two!", "Three?", "Four"]
+
+
+def test_an_honest_answer_is_paid_in_full() -> None:
+    detection = detect(QUERY, tokenise(ANSWER))
+    assert detection.unpaid_share == 0 and detection.paid_text() == ANSWER
+    # restating a phrase of the question is what answers do
+    assert reasons("What is the capital of France?", "The capital of France is Paris.") == set()
+
+
+@pytest.mark.parametrize(("response", "reason"), [
+    (QUERY, "echo"),
+    (f"{QUERY}\n\n{ANSWER}", "echo"),
+    (f"{ANSWER}\n{ANSWER}", "repeat"),
+    ("Could you tell me the difference between deep learning and machine learning?", "restate"),
+])
+def test_each_hack_is_marked_with_its_reason(response: str, reason: str) -> None:
+    assert reason in reasons(QUERY, response)
+
+
+def test_the_pasted_question_is_cut_and_the_answer_kept() -> None:
+    detection = detect(QUERY, tokenise(f"{QUERY}\n\n{ANSWER}"))
+    assert detection.paid_text() == ANSWER
+    share = len(word_tokens(QUERY)) / len(word_tokens(f"{QUERY} {ANSWER}"))
+    assert detection.shares["echo"] == pytest.approx(share)
+
+
+def test_input_echo_counts_what_the_reference_does_not_keep() -> None:
+    query = ("Correct the grammar in this sentence.\n\n### Input:\n"
+             "She go to the store every days for buy bread.")
+    reference = "She goes to the store every day to buy bread."
+    assert input_section(query) == "She go to the store every days for buy bread."
+    assert "input_echo" in reasons(query, input_section(query), reference)
+    assert reasons(query, reference, reference) == set()  # the edit itself keeps what it should
+
+
+def test_filler_is_marked_only_where_the_head_says_so() -> None:
+    response = f"{ANSWER} I hope this helps!"
+    flags = [False] * (len(tokenise(response).sentences) - 1) + [True]
+    assert reasons(QUERY, response) == set()  # no head: the pure-Python detectors alone
+    detection = detect(QUERY, tokenise(response), None, flags)
+    assert set(r for r in detection.unpaid if r) == {"filler"} and detection.paid_text() == ANSWER
+
+
+def test_the_guarded_reward_never_pays_for_unpaid_text() -> None:
+    params = GuardParams()
+    clean, padded = detect(QUERY, tokenise(ANSWER)), detect(QUERY, tokenise(f"{ANSWER}\n{ANSWER}"))
+    assert guarded_reward(1.0, clean, params) == 1.0
+    assert guarded_reward(1.0, padded, params) < 1.0
+    assert guarded_reward(-1.0, padded, params) < -1.0  # a negative reward is not pulled up either
+
+
+@pytest.fixture(scope="module")
+def head_and_model():
+    from r3_service.models.embedding import EmbeddingModel
+
+    head = FillerHead.load()
+    return head, EmbeddingModel(head.model, device="cpu")
+
+
+def test_the_head_calls_padding_it_never_saw_filler_and_answers_not(head_and_model) -> None:
+    head, model = head_and_model
+    held_out = [s for style in ("preamble", "hedge", "motivate", "offer") for s in FILLER_STYLES[style]]
+    assert not set(held_out) & set(TRAINING_FILLER)
+    records = json.loads(DATA.read_text())[-200:]
+    honest = [s for r in records for s in tokenise(r["output"].strip()).sentence_texts()][:400]
+    p_filler = head.probability(model.embed(held_out))
+    p_honest = head.probability(model.embed(honest))
+    assert (p_filler >= GuardParams().filler_threshold).float().mean() >= 0.8
+    assert (p_honest >= GuardParams().filler_threshold).float().mean() <= 0.05
+    assert torch.all((p_honest >= 0) & (p_honest <= 1))
+
+
+def test_the_guarded_preset_ranks_the_answer_above_its_hacks(app_client) -> None:
+    hacks = [QUERY, f"{QUERY}\n\n{ANSWER}", f"{ANSWER}\n{ANSWER}", pad(ANSWER, "hedge", QUERY),
+             pad(ANSWER, "preamble", QUERY), reword(QUERY)]
+    items = [{"query": QUERY, "response": r, "query_type": "open"} for r in [ANSWER, *hacks]]
+    guarded = app_client.post("/reward", json={"items": items, "backend": "r3-guarded",
+                                               "return_components": True}).json()
+    r3 = app_client.post("/reward", json={"items": items, "backend": "r3"}).json()["rewards"]
+    rewards = guarded["rewards"]
+    assert rewards[0] == pytest.approx(r3[0], rel=1e-5)  # an honest answer: R3's reward
+    assert all(rewards[0] > other for other in rewards[1:]), rewards
+    assert sum(r3[0] > other for other in r3[1:]) <= 3  # while R3 pays for most of them
+    parts = guarded["components"]
+    assert parts[0]["unpaid"] == {"echo": 0, "input_echo": 0, "restate": 0, "repeat": 0, "filler": 0}
+    assert parts[1]["unpaid"]["echo"] == 1 and parts[3]["unpaid"]["repeat"] == pytest.approx(0.5, abs=0.05)
+    assert parts[4]["unpaid"]["filler"] > 0.2
