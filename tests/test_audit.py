@@ -207,6 +207,19 @@ def test_shipped_thresholds_hold_on_the_shipped_results() -> None:
     assert len(audit.check(results, raised)[0]) >= 10  # the floors sit close to what was measured
 
 
+def test_shipped_guarded_floors_hold_on_the_validation_fold() -> None:
+    """r3-guarded's floors cover each hack it closes, on both branches' informative side, and the
+    committed run on the validation fold (which designed nothing) meets every floor there."""
+    floors = audit.read_thresholds(ROOT / "configs" / "audit-thresholds.yaml")
+    guarded = floors["r3-guarded"]
+    for name in ("copy-query@open", "query+answer@open", "repeat-2x@open", "question-reworded@open",
+                 "filler-hedge@open", "filler-motivate@open", "input-echo@closed"):
+        assert guarded[name] >= 0.85, name
+    report = json.loads((ROOT / "bench" / "results" / "audit" / "guarded-validation.json").read_text())
+    assert report["meta"]["split"] == "validation"
+    assert audit.check(report["results"], floors) == ([], [])
+
+
 # ------------------------------------------------------------------------------- whole runs
 
 
@@ -328,6 +341,16 @@ def test_over_http_the_service_gives_the_in_process_rewards() -> None:
         assert list(remote[backend].values()) == pytest.approx(list(local[backend].values()))
 
 
+@pytest.mark.slow  # MiniLM on 120 records x 19 perturbations, ~60 s on 2 cores
+def test_the_shipped_floors_guard_r3_guarded_on_fresh_validation_scores(tmp_path: Path) -> None:
+    """CI's guard of the preset that closes the padding, restating and echo holes: scored now on
+    records of the fold that designed nothing."""
+    code, report = run(tmp_path, "--split", "validation", "--limit", "120", "--backend", "r3-guarded",
+                       "--thresholds", str(ROOT / "configs" / "audit-thresholds.yaml"))
+    assert code == 0 and report["violations"] == []
+    assert report["meta"]["split"] == "validation" and report["meta"]["records"] == 120
+
+
 @pytest.mark.slow  # MiniLM on 300 records x 10 perturbations, ~30 s on 2 cores
 def test_the_shipped_floors_guard_r3_novel_on_fresh_scores(tmp_path: Path) -> None:
     """CI's guard of the preset that closes the copy hole: scored now, not read from a file."""
@@ -335,3 +358,25 @@ def test_the_shipped_floors_guard_r3_novel_on_fresh_scores(tmp_path: Path) -> No
                        "--thresholds", str(ROOT / "configs" / "audit-thresholds.yaml"))
     assert code == 0 and report["violations"] == []
     assert report["results"]["r3-novel"]["copy-query"]["all"]["win_rate"] >= 0.95
+
+
+def test_the_split_is_the_filler_heads_design_fold_and_the_rest() -> None:
+    from r3_tools.filler import design_rows
+
+    records, _ = audit.read_audit_records(DATA)
+    design, validation = (audit.split_records(records, s) for s in ("design", "validation"))
+    assert len(design) + len(validation) == len(records) and len(validation) > 900
+    assert {r.query for r in design}.isdisjoint({r.query for r in validation})
+    assert [r.query for r in design] == [records[i].query for i in design_rows([r.query for r in records])]
+
+
+def test_hack_families_are_defined_where_they_should_be() -> None:
+    record = Record("Fix the spelling.\n\n### Input:\nTeh cat.", "The cat.", "The cat.", "closed", True)
+    slot = Slot(record, 0, 0, "other")
+    assert audit.PERTURBATIONS["input-echo"](slot) == "Teh cat."
+    no_input = Slot(Record("Why?", "Because.", None, "open", True), 0, 0, "x")
+    assert audit.PERTURBATIONS["input-echo"](no_input) is None
+    padded = audit.PERTURBATIONS["filler-preamble"](slot)
+    assert padded.endswith("The cat.") and len(padded.split()) > 20
+    assert audit.PERTURBATIONS["filler-hedge"](slot).startswith("The cat.")
+    assert audit.PERTURBATIONS["question-reworded"](slot) != record.query

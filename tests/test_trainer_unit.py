@@ -464,6 +464,8 @@ def test_text_signals_count_copies_empties_and_words():
     assert got["eval/hack/copy_share"] == pytest.approx(2 / 4)  # the echo, and 5 of 8 words copied
     assert got["eval/hack/empty_share"] == pytest.approx(1 / 4)
     assert got["eval/response/words"] == pytest.approx((8 + 0 + 2 + 8) / 4)
+    assert got["eval/hack/echo_share"] == pytest.approx(1 / 4)  # rule.guards: the question pasted back
+    assert got["eval/hack/repeat_share"] == 0 and got["eval/hack/input_echo_share"] == 0
 
 
 def test_hack_watch_warns_past_each_bound_and_on_length_growth():

@@ -103,14 +103,15 @@ def sentence_transformers_style(model_path: str, device: str, pairs: list[Pair])
     return run
 
 
-def engine_in_process(settings: Settings, pairs: list[Pair], items: int, concurrency: int) -> float:
+def engine_in_process(settings: Settings, pairs: list[Pair], items: int, concurrency: int,
+                      backend_name: str | None = None) -> float:
     async def main() -> float:
         engine = await asyncio.to_thread(RewardEngine.from_settings, settings)
         engine.start()
         chunks = [[RawItem(p.query, p.response, p.reference, p.query_type)  # type: ignore[arg-type]
                    for p in pairs[i : i + items]] for i in range(0, len(pairs), items)]
         semaphore = asyncio.Semaphore(concurrency)
-        backend = engine.backend(None)
+        backend = engine.backend(backend_name)
 
         async def one(chunk: list[RawItem]) -> None:
             async with semaphore:
@@ -252,6 +253,9 @@ def main(argv: list[str] | None = None) -> int:
                                       "ingress started with R3_EMBEDDING_CACHE_SIZE=0 and "
                                       "R3_MAX_QUEUE_TOKENS=1000000000) instead of starting r3-serve")
     parser.add_argument("--skip-http", action="store_true")
+    parser.add_argument("--backend", action="append",
+                        help="also measure the engine in process with this backend (repeatable), e.g. "
+                             "r3-guarded: its throughput beside the default backend's")
     parser.add_argument("--out", type=Path, default=Path("bench/results/latest"),
                         help="writes OUT.json and OUT.png")
     args = parser.parse_args(argv)
@@ -279,6 +283,11 @@ def main(argv: list[str] | None = None) -> int:
             results.append(Result("sentence-transformers", grouped, st[grouped]))
             rate = engine_in_process(settings, pairs, items=64, concurrency=16)
             results.append(Result("engine-in-process", grouped, rate, concurrency=16, items=64))
+            for name in args.backend or ():  # the same measurement on other backends, for their cost
+                other = engine_in_process(settings, pairs, items=64, concurrency=16, backend_name=name)
+                results.append(Result(f"engine-in-process[{name}]", grouped, other, concurrency=16, items=64))
+                print(f"in-process, groups={grouped}, backend {name}: {other:.0f} pairs/s "
+                      f"({other / rate:.2f} x the default backend's)", flush=True)
             print(f"in-process, groups={grouped}: ref {reference[grouped]:.0f}, ST {st[grouped]:.0f}, "
                   f"engine {rate:.0f} pairs/s", flush=True)
         engine_model = EmbeddingModel(model_name, device=args.device, dtype=args.dtype)

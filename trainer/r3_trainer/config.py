@@ -68,6 +68,8 @@ class HackBounds(_Section):
     """A warning is logged when a step's signal passes its bound (null: not watched)."""
 
     copy_share: Annotated[Float, Field(ge=0, le=1)] | None = 0.2  # responses copying the query
+    restate_share: Annotated[Float, Field(ge=0, le=1)] | None = 0.3  # rule.guards: question reworded
+    repeat_share: Annotated[Float, Field(ge=0, le=1)] | None = 0.3  # rule.guards: text pasted again
     empty_share: Annotated[Float, Field(ge=0, le=1)] | None = 0.2
     truncated_share: Annotated[Float, Field(ge=0, le=1)] | None = 0.9  # hit max_new_tokens
     repetition_penalty_min: Annotated[Float, Field(ge=0, le=1)] | None = 0.8  # mean RP below this

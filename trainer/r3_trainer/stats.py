@@ -12,10 +12,12 @@ import torch
 from accelerate import Accelerator
 
 from r3_service.rule.copying import copy_overlaps
-from r3_service.rule.features import word_tokens
+from r3_service.rule.guards import REASONS, detect, tokenise
 from r3_trainer.config import HackBounds
 from r3_trainer.rewards import ScoredRewards
 from r3_trainer.rollout import Rollout
+
+LEXICAL_REASONS = tuple(r for r in REASONS if r != "filler")  # filler needs the service's model
 
 
 def _ratio(part: float, whole: float) -> float:
@@ -57,15 +59,22 @@ def reward_stats(accelerator: Accelerator, scored: list[ScoredRewards], tokens: 
 def text_signals(accelerator: Accelerator, queries: list[str], texts: list[str], copy_threshold: float,
                  prefix: str) -> dict[str, float]:
     """The hack signals read off the texts, over all processes: share of responses copying the
-    query (4-gram overlap past `copy_threshold`), share of empty ones, mean length in words."""
+    query (4-gram overlap past `copy_threshold`), share of empty ones, mean length in words, and
+    the share of responses each of the service's pure-Python hack detectors flags (`rule.guards`:
+    the question pasted back or reworded, an input handed back, text repeated)."""
     overlaps = copy_overlaps(zip(queries, texts, strict=True))
+    split = [tokenise(t) for t in texts]
+    flagged = [{r for r in detect(q, s).unpaid if r} for q, s in zip(queries, split, strict=True)]
     local = torch.tensor([
         sum(o >= copy_threshold for o in overlaps), sum(overlaps), sum(not t for t in texts),
-        sum(len(word_tokens(t)) for t in texts), len(texts),
+        sum(len(s.tokens) for s in split), len(texts),
+        *(sum(reason in f for f in flagged) for reason in LEXICAL_REASONS),
     ], dtype=torch.float64, device=accelerator.device)
-    copying, overlap, empty, words, n = accelerator.reduce(local, "sum").tolist()
+    copying, overlap, empty, words, n, *by_reason = accelerator.reduce(local, "sum").tolist()
     return {f"{prefix}hack/copy_share": copying / n, f"{prefix}hack/copy_overlap": overlap / n,
-            f"{prefix}hack/empty_share": empty / n, f"{prefix}response/words": words / n}
+            f"{prefix}hack/empty_share": empty / n, f"{prefix}response/words": words / n,
+            **{f"{prefix}hack/{reason}_share": count / n
+               for reason, count in zip(LEXICAL_REASONS, by_reason, strict=True)}}
 
 
 class HackWatch:
@@ -80,6 +89,8 @@ class HackWatch:
     def check(self, record: dict[str, Any]) -> list[str]:
         b, warnings = self.bounds, []
         above = (("hack/copy_share", b.copy_share, "responses copying the query"),
+                 ("hack/restate_share", b.restate_share, "responses rewording the question"),
+                 ("hack/repeat_share", b.repeat_share, "responses repeating their own text"),
                  ("hack/empty_share", b.empty_share, "empty responses"),
                  ("hack/truncated_share", b.truncated_share, "responses cut at max_new_tokens"))
         for key, bound, what in above:

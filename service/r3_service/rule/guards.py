@@ -4,15 +4,18 @@ the live hack metrics and the trainer's hack signals, so all three see the same 
 A response is split once into sentences and R3's word tokens (`Tokenised`). Each token is then
 either paid or marked with the reason it is not:
 
-- `echo`: inside a verbatim copy of (nearly) all of the query's instruction or input, in word
-  4-grams the reference answer does not also copy. A phrase of the question inside an answer
-  ("the capital of France") is no echo; the question pasted whole is.
-- `input_echo`: the same, where the copy is of the query's input section (an editing task
-  answered with its input unchanged).
+- `echo`: inside a verbatim copy of all of the query (or of its instruction), in word 4-grams.
+  A phrase of the question inside an answer ("the capital of France") is no echo; the question
+  pasted whole is.
+- `input_echo`: a verbatim copy of all of the query's input section, in 4-grams the reference
+  answer (closed items) does not also copy: an editing task answered with its input unchanged.
 - `restate`: a sentence whose content words (stop words aside, 5-letter stems) come mostly from
-  the query (share ≥ `restate_share`) and cover much of it (≥ `restate_cover`): the question
-  reworded, which carries no answer. Stems the reference also has are the answer's, not a copy.
-- `repeat`: a word n-gram (n = `repeat_ngram`) seen earlier in the response: the text pasted again.
+  the instruction (share ≥ `restate_share`) and cover much of it (≥ `restate_cover`): the
+  question reworded. Marked where it carries the response (nothing else left to pay for) or asks
+  the question back; an answer's opening restatement stays paid. Stems a closed item's reference
+  also has are the answer's.
+- `repeat`: a word n-gram (n = `repeat_ngram`) or a whole sentence seen earlier in the response:
+  the text pasted again.
 - `filler`: a sentence the filler head (`models.filler`, over sentence embeddings) calls generic
   padding: pleasantries, hedges and statements that would fit any question. Needs a model, so
   only where one runs (the service); the pure-Python detectors run anywhere.
@@ -54,13 +57,13 @@ STOP_WORDS = frozenset(_STOP_WORDS_TEXT.split())
 class GuardParams:
     """The knobs of the detectors and of the guarded reward (defaults: bench/results/guards/)."""
 
-    restate_share: float = 0.7
+    restate_share: float = 0.5
     restate_cover: float = 0.5
     question_discount: float = 0.2  # a sentence ending in "?" needs restate_share minus this
-    echo_slack: int = 1  # an echo may miss this many of the copied part's tokens
+    echo_slack: int = 0  # an echo may miss this many of the copied part's tokens
     echo_min: int = 6  # ...but is never shorter than this (or the part, when shorter)
-    repeat_ngram: int = 6
-    filler_threshold: float = 0.5  # p(filler) from the head at or above which a sentence is padding
+    repeat_ngram: int = 10  # a whole clause again, not a refrain of a few words
+    filler_threshold: float = 0.7  # p(filler) from the head at or above which a sentence is padding
     # R_guarded = R(paid text) − |R(paid text)| · penalty · unpaid share
     penalty: float = 0.5
 
@@ -166,8 +169,12 @@ def query_view(query: str, reference: str | None, params: GuardParams) -> QueryV
     instruction, _, section = query.partition(INPUT_MARKER)
     parts = []
     # The instruction pasted back is never an answer; an input may be partly kept by one.
-    sides = ((word_tokens(query), "echo", []), (word_tokens(instruction), "echo", []),
-             (word_tokens(section), "input_echo", exempt))
+    sides = [(word_tokens(query), "echo", []), (word_tokens(instruction), "echo", [])]
+    section_tokens = word_tokens(section)
+    # An input handed back is a hack where a reference says what the answer keeps of it (closed
+    # items), and only for an input of a sentence or more: a short one is the topic, named again.
+    if reference is not None and len(section_tokens) >= params.echo_min:
+        sides.append((section_tokens, "input_echo", exempt))
     for part, reason, keep in sides:
         size = min(_ECHO_NGRAM, len(part))
         if size:
@@ -198,31 +205,56 @@ def _echoes(view: QueryView, tokens: list[str], unpaid: list[str | None]) -> Non
                 start = None
 
 
-def _repeats(tokens: list[str], unpaid: list[str | None], n: int) -> None:
+def _repeats(text: Tokenised, unpaid: list[str | None], n: int) -> None:
+    """An n-gram seen earlier, or a sentence of two or more tokens said before (a short answer
+    pasted again has no long n-gram to repeat)."""
     seen: set[tuple[str, ...]] = set()
-    lowered = _lower(tokens)
-    for i in range(len(tokens) - n + 1):
+    lowered = _lower(text.tokens)
+    for i in range(len(lowered) - n + 1):
         gram = tuple(lowered[i:i + n])
         if gram in seen:
             _mark(unpaid, range(i, i + n), "repeat")
         seen.add(gram)
+    sentences: dict[int, list[int]] = {}
+    for i, sentence in enumerate(text.sentence_of):
+        sentences.setdefault(sentence, []).append(i)
+    said: set[tuple[str, ...]] = set()
+    for indices in sentences.values():
+        words = tuple(lowered[i] for i in indices)
+        if len(words) >= 2 and words in said:
+            _mark(unpaid, indices, "repeat")
+        said.add(words)
 
 
 def _sentences(text: Tokenised, query_stems: frozenset[str], filler: Sequence[bool] | None,
                unpaid: list[str | None], params: GuardParams) -> None:
+    """Filler sentences; and restating ones where they carry the response (what else is left to
+    pay for is shorter than they are) or ask the question back. An answer's opening restatement
+    ("Here are some tips to manage stress during exams:") stays paid: it is how honest answers
+    start, and the reward of the answer after it is what a policy could gain by it."""
     members: list[list[int]] = [[] for _ in text.sentences]
     for i, sentence in enumerate(text.sentence_of):
         members[sentence].append(i)
+    restating = [_restates(text, indices, query_stems, params) for indices in members]
     for sentence, indices in enumerate(members):
-        stems = content_stems([text.tokens[i] for i in indices])
-        shared = len(stems & query_stems)
-        # A question back is a restatement at a lower share: answers rarely ask the question again.
-        share = params.restate_share - (params.question_discount if _asks(text, indices) else 0.0)
-        if (len(stems) >= 2 and query_stems and shared / len(stems) >= share
-                and shared / len(query_stems) >= params.restate_cover):
-            _mark(unpaid, indices, "restate")
-        elif filler is not None and filler[sentence]:
+        if filler is not None and filler[sentence] and not restating[sentence]:
             _mark(unpaid, indices, "filler")
+    restated = sum(len(indices) for sentence, indices in enumerate(members) if restating[sentence])
+    content = sum(unpaid[i] is None for sentence, indices in enumerate(members) if not restating[sentence]
+                  for i in indices)
+    for sentence, indices in enumerate(members):
+        if restating[sentence] and (content < restated or _asks(text, indices)):
+            _mark(unpaid, indices, "restate")
+
+
+def _restates(text: Tokenised, indices: list[int], query_stems: frozenset[str], params: GuardParams) -> bool:
+    """Most of the sentence's content words are the question's, and they cover much of it; a
+    question back needs a lower share (answers rarely ask the question again)."""
+    stems = content_stems([text.tokens[i] for i in indices])
+    shared = len(stems & query_stems)
+    share = params.restate_share - (params.question_discount if _asks(text, indices) else 0.0)
+    return (len(stems) >= 2 and bool(query_stems) and shared / len(stems) >= share
+            and shared / len(query_stems) >= params.restate_cover)
 
 
 def _asks(text: Tokenised, indices: list[int]) -> bool:
@@ -236,7 +268,7 @@ def detect(query: str, text: Tokenised, reference: str | None = None, filler: Se
     unpaid: list[str | None] = [None] * len(text.tokens)
     view = query_view(query, reference, params)
     _echoes(view, text.tokens, unpaid)
-    _repeats(text.tokens, unpaid, params.repeat_ngram)
+    _repeats(text, unpaid, params.repeat_ngram)
     _sentences(text, view.stems, filler, unpaid, params)
     n = len(unpaid)
     shares = {reason: (sum(r == reason for r in unpaid) / n if n else 0.0) for reason in REASONS}
