@@ -248,13 +248,23 @@ def _sentences(text: Tokenised, query_stems: frozenset[str], filler: Sequence[bo
 
 
 def _restates(text: Tokenised, indices: list[int], query_stems: frozenset[str], params: GuardParams) -> bool:
-    """Most of the sentence's content words are the question's, and they cover much of it; a
-    question back needs a lower share (answers rarely ask the question again)."""
-    stems = content_stems([text.tokens[i] for i in indices])
+    """Most of the sentence's content words are the question's, they cover much of it, and the
+    words it adds name nothing (a name or a number it adds is an answer: "The capital of France
+    is Paris."); a question back needs a lower share (answers rarely ask the question again)."""
+    tokens = [text.tokens[i] for i in indices]
+    if any(_names(token, position) for position, token in enumerate(tokens)
+           if token[:STEM].lower() not in query_stems):
+        return False
+    stems = content_stems(tokens)
     shared = len(stems & query_stems)
     share = params.restate_share - (params.question_discount if _asks(text, indices) else 0.0)
     return (len(stems) >= 2 and bool(query_stems) and shared / len(stems) >= share
             and shared / len(query_stems) >= params.restate_cover)
+
+
+def _names(token: str, position: int) -> bool:
+    """A number, or a capitalised word inside a sentence (not its first word, not "I")."""
+    return any(c.isdigit() for c in token) or (position > 0 and token[:1].isupper() and token != "I")
 
 
 def _asks(text: Tokenised, indices: list[int]) -> bool:
