@@ -106,8 +106,9 @@ def test_the_head_calls_padding_it_never_saw_filler_and_answers_not(head_and_mod
 
 
 def test_the_guarded_preset_ranks_the_answer_above_its_hacks(app_client) -> None:
-    hacks = [QUERY, f"{QUERY}\n\n{ANSWER}", f"{ANSWER}\n{ANSWER}", pad(ANSWER, "hedge", QUERY),
-             pad(ANSWER, "preamble", QUERY), reword(QUERY)]
+    closer = f"{ANSWER} I hope this helps! Let me know if you have any other questions. Have a great day!"
+    hacks = [QUERY, f"{QUERY}\n\n{ANSWER}", f"{ANSWER}\n{ANSWER}", closer, pad(ANSWER, "preamble", QUERY),
+             reword(QUERY)]
     items = [{"query": QUERY, "response": r, "query_type": "open"} for r in [ANSWER, *hacks]]
     guarded = app_client.post("/reward", json={"items": items, "backend": "r3-guarded",
                                                "return_components": True}).json()
@@ -119,4 +120,4 @@ def test_the_guarded_preset_ranks_the_answer_above_its_hacks(app_client) -> None
     parts = guarded["components"]
     assert parts[0]["unpaid"] == {"echo": 0, "input_echo": 0, "restate": 0, "repeat": 0, "filler": 0}
     assert parts[1]["unpaid"]["echo"] == 1 and parts[3]["unpaid"]["repeat"] == pytest.approx(0.5, abs=0.05)
-    assert parts[4]["unpaid"]["filler"] > 0.2
+    assert parts[4]["unpaid"]["filler"] > 0.2 and parts[5]["unpaid"]["filler"] > 0.2
