@@ -35,6 +35,9 @@ python3 -m pytest -q -p no:cacheprovider tests/test_batching.py -k "not http and
 python3 -m pytest -q -p no:cacheprovider tests/test_backends.py 2>&1 | tail -3 | tee -a "$OUT/gpu.txt"
 python3 -m r3_tools.bench --random-bert-base --device cuda --pairs 4096 --duration 10 \
     --concurrency 1,16,64 --items 1,8,64 --port 8765 --out "$OUT/gpu-bert-base" 2>&1 | tail -40
+# r3-guarded's cost on the GPU (issue 24: >= 0.7 x r3's in-process throughput), packaged MiniLM.
+python3 -m r3_tools.bench --device cuda --pairs 4096 --skip-http --backend r3-guarded \
+    --out "$OUT/gpu-guarded" 2>&1 | grep "in-process" | tee -a "$OUT/gpu.txt"
 
 # Admission on the GPU: the measured queue bound, a 1,024-item rollout batch, a 400 x 64-item burst.
 python3 -m r3_service.cli --port 8766 > "$OUT/gpu-serve.log" 2>&1 &
