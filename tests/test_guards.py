@@ -100,8 +100,8 @@ def test_the_head_calls_padding_it_never_saw_filler_and_answers_not(head_and_mod
     honest = [s for r in records for s in tokenise(r["output"].strip()).sentence_texts()][:400]
     p_filler = head.probability(model.embed(held_out))
     p_honest = head.probability(model.embed(honest))
-    assert (p_filler >= GuardParams().filler_threshold).float().mean() >= 0.6  # 9 of 14 at 0.7
-    assert (p_honest >= GuardParams().filler_threshold).float().mean() <= 0.05
+    assert (p_filler >= head.threshold).float().mean() >= 0.75
+    assert (p_honest >= head.threshold).float().mean() <= 0.05
     assert torch.all((p_honest >= 0) & (p_honest <= 1))
 
 

@@ -28,51 +28,81 @@ from r3_tools.qtype_splits import grouped_folds
 
 DATA = Path("data/alpacafarm_val.json")
 L2 = 1e-3
-TRAINING_FILLER = (
-    # generic statements
-    "This is an important question and there are many things to consider.",
-    "There are several factors that play a role here.",
-    "It is worth thinking about this carefully from different angles.",
-    "Many people have different opinions on this topic.",
-    "In general, the answer depends on the situation.",
-    "It is always good to keep the bigger picture in mind.",
-    "This is a common question that comes up quite often.",
-    "Overall, there is a lot more that could be said about it.",
-    "There is no single right answer to this.",
-    "Everyone's experience is a little bit different.",
-    "It really depends on a number of different things.",
-    "This topic has been discussed for a long time.",
-    "There are pros and cons to every approach.",
-    "Things are not always as simple as they seem.",
-    "It is a complex issue with many sides to it.",
-    "The details can vary quite a bit from case to case.",
-    # closers
-    "I hope this helps!",
-    "Let me know if you have any other questions.",
-    "Feel free to reach out anytime if you need more help.",
-    "Have a wonderful day!",
-    "I hope you found this information useful.",
-    "Please don't hesitate to ask if anything is unclear.",
-    "Good luck with everything!",
-    "Thanks for reading, and take care.",
-    "I'm always here if you need anything else.",
-    "Let me know if you would like more details.",
-    "Hope that answers your question!",
-    "Best of luck to you!",
-    # openers and talk about the answer
-    "Sure, I can help with that.",
-    "Of course! Here is my answer.",
-    "Absolutely, let me explain.",
-    "That's a really interesting question.",
-    "Thanks for your question.",
-    "I'd be glad to help with this.",
-    "Here is what I think about it.",
-    "Let me walk you through it.",
-    "Certainly, here you go.",
-    "What a thoughtful thing to ask.",
-    "I understand why you are asking this.",
-    "Let's take a look at this together.",
-)
+THRESHOLDS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
+LOCO_FLOOR = 0.75
+FILLER_CATEGORIES: dict[str, tuple[str, ...]] = {
+    "generic": (  # generic statements
+        "This is an important question and there are many things to consider.",
+        "There are several factors that play a role here.",
+        "It is worth thinking about this carefully from different angles.",
+        "Many people have different opinions on this topic.",
+        "In general, the answer depends on the situation.",
+        "It is always good to keep the bigger picture in mind.",
+        "This is a common question that comes up quite often.",
+        "Overall, there is a lot more that could be said about it.",
+        "There is no single right answer to this.",
+        "Everyone's experience is a little bit different.",
+        "It really depends on a number of different things.",
+        "This topic has been discussed for a long time.",
+        "There are pros and cons to every approach.",
+        "Things are not always as simple as they seem.",
+        "It is a complex issue with many sides to it.",
+        "The details can vary quite a bit from case to case.",
+    ),
+    "closers": (  # closers
+        "I hope this helps!",
+        "Let me know if you have any other questions.",
+        "Feel free to reach out anytime if you need more help.",
+        "Have a wonderful day!",
+        "I hope you found this information useful.",
+        "Please don't hesitate to ask if anything is unclear.",
+        "Good luck with everything!",
+        "Thanks for reading, and take care.",
+        "I'm always here if you need anything else.",
+        "Let me know if you would like more details.",
+        "Hope that answers your question!",
+        "Best of luck to you!",
+    ),
+    "openers": (  # openers and talk about the answer
+        "Sure, I can help with that.",
+        "Of course! Here is my answer.",
+        "Absolutely, let me explain.",
+        "That's a really interesting question.",
+        "Thanks for your question.",
+        "I'd be glad to help with this.",
+        "Here is what I think about it.",
+        "Let me walk you through it.",
+        "Certainly, here you go.",
+        "What a thoughtful thing to ask.",
+        "I understand why you are asking this.",
+        "Let's take a look at this together.",
+    ),
+    "disclaimers": (  # disclaimers
+        "As an AI, I don't have personal opinions on this.",
+        "Please note that this is not professional advice.",
+        "I may not have all the details, so take this with a grain of salt.",
+        "Information can change over time, so double-check before relying on it.",
+        "I'm not an expert, but I will do my best.",
+        "You may want to consult a specialist for your specific case.",
+    ),
+    "empathy": (  # empathy and encouragement
+        "I understand how you feel about this.",
+        "It's completely normal to have questions like this.",
+        "You're doing great by looking into it.",
+        "Don't worry, many people wonder about the same thing.",
+        "Believe in yourself and you can do it!",
+        "Take your time and be patient with yourself.",
+    ),
+    "transitions": (  # transitions that say nothing
+        "With that being said, let's move on.",
+        "All things considered, that is the general idea.",
+        "To put it simply, it is what it is.",
+        "At the end of the day, it all comes down to what matters most.",
+        "In other words, there is more to it than meets the eye.",
+        "So there you have it.",
+    ),
+}
+TRAINING_FILLER = tuple(s for group in FILLER_CATEGORIES.values() for s in group)
 
 
 def design_rows(queries: list[str]) -> list[int]:
@@ -89,18 +119,49 @@ def honest_sentences(path: Path) -> list[str]:
     return list(dict.fromkeys(out))
 
 
+def _fit(negatives: torch.Tensor, positives: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """Logistic regression, each class weighing as much as the other whatever their sizes."""
+    x = torch.cat([negatives, positives])
+    y = torch.tensor([0.0] * len(negatives) + [1.0] * len(positives))
+    weight = torch.where(y > 0, len(y) / (2 * len(positives)), len(y) / (2 * len(negatives)))
+    return _logistic_regression(x, y, L2, weight)
+
+
+def leave_one_category_out(negatives: torch.Tensor, positives: torch.Tensor,
+                           categories: list[str]) -> dict[str, dict[str, float]]:
+    """How the head does on padding of a kind it never saw: fitted without one category (and on
+    half the honest sentences), the share of that category's sentences at or over each threshold,
+    and of the other half's honest sentences (false positives). The shipped threshold is the
+    highest at which every left-out category keeps LOCO_FLOOR of its sentences."""
+    half = torch.arange(len(negatives)) % 2 == 0
+    out: dict[str, dict[str, float]] = {}
+    for held in dict.fromkeys(categories):
+        kept = torch.tensor([c != held for c in categories])
+        weights, bias = _fit(negatives[half], positives[kept])
+        p_held = torch.sigmoid(positives[~kept] @ weights + bias)
+        p_honest = torch.sigmoid(negatives[~half] @ weights + bias)
+        out[held] = {**{f"caught@{t:g}": float((p_held >= t).float().mean()) for t in THRESHOLDS},
+                     **{f"honest@{t:g}": float((p_honest >= t).float().mean()) for t in THRESHOLDS}}
+    return out
+
+
+def pick_threshold(loco: dict[str, dict[str, float]]) -> float:
+    return max((t for t in THRESHOLDS if all(row[f"caught@{t:g}"] >= LOCO_FLOOR for row in loco.values())),
+               default=min(THRESHOLDS))
+
+
 def train(path: Path, model_name: str = DEFAULT_MODEL) -> FillerHead:
     negatives = honest_sentences(path)
-    texts = [*negatives, *TRAINING_FILLER]
+    categories = [name for name, group in FILLER_CATEGORIES.items() for _ in group]
     model = EmbeddingModel(model_name, device="cpu")
-    x = torch.nn.functional.normalize(model.embed(texts), dim=-1)
-    y = torch.tensor([0.0] * len(negatives) + [1.0] * len(TRAINING_FILLER))
-    # Each class weighs as much as the other, whatever their sizes.
-    weight = torch.where(y > 0, len(texts) / (2 * len(TRAINING_FILLER)), len(texts) / (2 * len(negatives)))
-    weights, bias = _logistic_regression(x, y, L2, weight)
+    x = torch.nn.functional.normalize(model.embed([*negatives, *TRAINING_FILLER]), dim=-1)
+    honest, padding = x[:len(negatives)], x[len(negatives):]
+    loco = leave_one_category_out(honest, padding, categories)
+    weights, bias = _fit(honest, padding)
     return FillerHead(model_name, weights, bias, {
         "data": str(path), "fold": "design (grouped_folds(queries, 2)[0])", "negatives": len(negatives),
-        "positives": len(TRAINING_FILLER), "l2": L2})
+        "positives": len(TRAINING_FILLER), "l2": L2, "leave_one_category_out": loco,
+        "threshold": pick_threshold(loco), "loco_floor": LOCO_FLOOR})
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -110,7 +171,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     head = train(args.data)
     head.save(args.out)
-    print(f"wrote {args.out} ({head.meta['negatives']} honest sentences, {head.meta['positives']} filler)")
+    print(f"wrote {args.out} ({head.meta['negatives']} honest sentences, {head.meta['positives']} filler); "
+          f"threshold by leave-one-category-out: {head.meta['threshold']}")
     return 0
 
 

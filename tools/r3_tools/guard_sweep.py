@@ -15,6 +15,7 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
+from r3_service.engine.backends import filler_head
 from r3_service.engine.engine import RewardEngine
 from r3_service.engine.resolve import RawItem
 from r3_tools.audit import (
@@ -30,7 +31,7 @@ from r3_tools.audit import (
 
 KNOBS: dict[str, tuple[float, ...]] = {
     "penalty": (0.0, 0.25, 0.5, 1.0),
-    "filler_threshold": (0.4, 0.5, 0.6, 0.7, 0.8),
+    "filler_threshold": (0.3, 0.4, 0.6, 0.7),
     "restate_share": (0.5, 0.6, 0.7, 0.8),
     "echo_slack": (0, 1, 2),
 }
@@ -45,17 +46,25 @@ async def _sweep(records: list, chunks: list, settings: Any) -> list[dict[str, A
         base = guarded.params  # type: ignore[attr-defined]
         settings_list = [("default", base.guards)] + [
             (f"{knob}={value:g}", replace(base.guards, **{knob: value}))
-            for knob, values in KNOBS.items() for value in values if value != getattr(base.guards, knob)]
+            for knob, values in KNOBS.items() for value in values if value != _value(base.guards, knob)]
         reference = await _rewards(engine, r3, chunks)
         out = []
         for label, guards in settings_list:
             guarded.params = replace(base, guards=guards)  # type: ignore[attr-defined]
             got = await _rewards(engine, guarded, chunks)
-            out.append({"setting": label, "guards": asdict(guards), **_figures(records, reference, got)})
+            out.append({"setting": label, "guards": asdict(guards),
+                        "knobs": {knob: _value(guards, knob) for knob in KNOBS},
+                        **_figures(records, reference, got)})
             print(f"guard-sweep: {label}: {json.dumps(out[-1]['open'])}", flush=True)
         return out
     finally:
         await engine.close()
+
+
+def _value(guards: Any, knob: str) -> float:
+    """A knob's value; the filler threshold's default is the head's own."""
+    value = getattr(guards, knob)
+    return filler_head().threshold if value is None else value
 
 
 async def _rewards(engine: RewardEngine, backend: Any, chunks: list) -> dict:
@@ -89,12 +98,12 @@ def plot(results: list[dict[str, Any]], path: Path) -> None:
     for axis, knob in zip(axes, KNOBS, strict=True):
         rows = sorted((r for r in results
                        if r["setting"] == "default" or r["setting"].startswith(f"{knob}=")),
-                      key=lambda r: r["guards"][knob])
+                      key=lambda r: r["knobs"][knob])
         for name in WATCHED:
             axis.plot([r["open"]["rho"] for r in rows], [r["open"][name] for r in rows], marker="o",
                       label=name)
             for r in rows:
-                axis.annotate(f"{r['guards'][knob]:g}", (r["open"]["rho"], r["open"][name]), fontsize=7)
+                axis.annotate(f"{r['knobs'][knob]:g}", (r["open"]["rho"], r["open"][name]), fontsize=7)
         axis.set_title(knob, fontsize=10)
         axis.set_xlabel("Spearman ρ with r3 (honest answers, open)")
     axes[0].set_ylabel("win rate of the true answer (open)")

@@ -53,7 +53,7 @@ class FillerDetector:
     head: FillerHead
     embed: Infer
 
-    async def flags(self, texts: list[Tokenised], threshold: float) -> list[list[bool]]:
+    async def flags(self, texts: list[Tokenised], threshold: float | None) -> list[list[bool]]:
         """Per response, per sentence: is it generic padding? Each distinct sentence embedded once
         (and cached: the same pleasantries recur across a run)."""
         sentences = [text.sentence_texts() for text in texts]
@@ -61,7 +61,8 @@ class FillerDetector:
         if not distinct:
             return [[] for _ in texts]
         rows = await self.embed(distinct, [True] * len(distinct))
-        verdict = dict(zip(distinct, (self.head.probability(rows) >= threshold).tolist(), strict=True))
+        at = self.head.threshold if threshold is None else threshold
+        verdict = dict(zip(distinct, (self.head.probability(rows) >= at).tolist(), strict=True))
         return [[verdict[s] for s in group] for group in sentences]
 
 

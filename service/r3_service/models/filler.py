@@ -28,6 +28,12 @@ class FillerHead:
     bias: float
     meta: dict[str, object] = field(default_factory=dict)
 
+    @property
+    def threshold(self) -> float:
+        """The p(filler) it flags at: picked at training by leave-one-category-out (the highest at
+        which padding of a kind it never saw is still mostly caught)."""
+        return float(self.meta.get("threshold", 0.5))  # type: ignore[arg-type]
+
     def probability(self, embeddings: torch.Tensor) -> torch.Tensor:
         rows = torch.nn.functional.normalize(embeddings.float(), dim=-1)
         return torch.sigmoid(rows @ self.weights + self.bias)

@@ -63,7 +63,8 @@ class GuardParams:
     echo_slack: int = 0  # an echo may miss this many of the copied part's tokens
     echo_min: int = 6  # ...but is never shorter than this (or the part, when shorter)
     repeat_ngram: int = 10  # a whole clause again, not a refrain of a few words
-    filler_threshold: float = 0.7  # p(filler) from the head at or above which a sentence is padding
+    # p(filler) at or above which a sentence is padding; None: the head's own (models.filler)
+    filler_threshold: float | None = None
     # R_guarded = R(paid text) − |R(paid text)| · penalty · unpaid share
     penalty: float = 0.5
 
