@@ -84,10 +84,16 @@ class R3Backend:
             relevance = await self._relevance(prepared)
             return [score(self.preset, item, s, self.params, s_other)
                     for item, (s, s_other) in zip(prepared, relevance, strict=True)]
-        detections = await self.detect(prepared)
-        # Relevance of what is paid for: the response less its echoes, repetitions and filler.
-        relevance = await self._relevance([replace(item, response=d.paid_text())
-                                           for item, d in zip(prepared, detections, strict=True)])
+        # The whole responses' relevance (what an untouched answer is paid by) in the same batches
+        # as the sentences the filler head reads; the paid text's only where something was cut.
+        detections, relevance = await asyncio.gather(self.detect(prepared), self._relevance(prepared))
+        cut = [i for i, (item, d) in enumerate(zip(prepared, detections, strict=True))
+               if d.paid_text() != item.response]
+        if cut:
+            paid = await self._relevance([replace(prepared[i], response=detections[i].paid_text())
+                                          for i in cut])
+            for i, pair in zip(cut, paid, strict=True):
+                relevance[i] = pair
         return [score(self.preset, item, s, self.params, s_other, d)
                 for item, (s, s_other), d in zip(prepared, relevance, detections, strict=True)]
 
