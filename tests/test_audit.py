@@ -214,7 +214,7 @@ def test_shipped_guarded_floors_hold_on_the_validation_fold() -> None:
     guarded = floors["r3-guarded"]
     for name in ("copy-query@open", "query+answer@open", "repeat-2x@open", "question-reworded@open",
                  "filler-hedge@open", "filler-motivate@open", "input-echo@closed"):
-        assert guarded[name] >= 0.85, name
+        assert guarded[name] >= 0.8, name
     report = json.loads((ROOT / "bench" / "results" / "audit" / "guarded-validation.json").read_text())
     assert report["meta"]["split"] == "validation"
     assert audit.check(report["results"], floors) == ([], [])
