@@ -121,3 +121,14 @@ def test_the_guarded_preset_ranks_the_answer_above_its_hacks(app_client) -> None
     assert parts[0]["unpaid"] == {"echo": 0, "input_echo": 0, "restate": 0, "repeat": 0, "filler": 0}
     assert parts[1]["unpaid"]["echo"] == 1 and parts[3]["unpaid"]["repeat"] == pytest.approx(0.5, abs=0.05)
     assert parts[4]["unpaid"]["filler"] > 0.2 and parts[5]["unpaid"]["filler"] > 0.2
+
+
+def test_only_short_sentences_that_name_nothing_go_to_the_filler_head() -> None:
+    from r3_service.rule.guards import may_be_filler
+
+    padding = [s for style in FILLER_STYLES.values() for s in style] + list(TRAINING_FILLER)
+    assert sum(may_be_filler(word_tokens(s)) for s in padding) >= len(padding) - 1  # "As an AI, ..."
+    assert not may_be_filler(word_tokens("Paris has been the capital of France since 987."))
+    assert not may_be_filler(word_tokens("It was founded by Ada Lovelace."))
+    assert not may_be_filler(word_tokens(ANSWER + " " + ANSWER))  # over 30 word tokens
+    assert may_be_filler(word_tokens("I hope this helps!"))

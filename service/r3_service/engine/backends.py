@@ -19,7 +19,7 @@ import torch
 from r3_service.engine.pool import ModelPool, describe_model
 from r3_service.engine.scheduler import BatchScheduler
 from r3_service.models.filler import FillerHead
-from r3_service.rule.guards import Detection, Tokenised, detect, tokenise
+from r3_service.rule.guards import Detection, Tokenised, detect, may_be_filler, tokenise
 from r3_service.rule.moments import RunningMoments
 from r3_service.rule.reward import PRESETS, Preset, ResolvedItem, RuleParams, Scored, plain, relevance, score
 from r3_service.settings import (
@@ -54,16 +54,17 @@ class FillerDetector:
     embed: Infer
 
     async def flags(self, texts: list[Tokenised], threshold: float | None) -> list[list[bool]]:
-        """Per response, per sentence: is it generic padding? Each distinct sentence embedded once
-        (and cached: the same pleasantries recur across a run)."""
-        sentences = [text.sentence_texts() for text in texts]
-        distinct = list(dict.fromkeys(s for group in sentences for s in group))
-        if not distinct:
-            return [[] for _ in texts]
-        rows = await self.embed(distinct, [True] * len(distinct))
-        at = self.head.threshold if threshold is None else threshold
-        verdict = dict(zip(distinct, (self.head.probability(rows) >= at).tolist(), strict=True))
-        return [[verdict[s] for s in group] for group in sentences]
+        """Per response, per sentence: is it generic padding? Each distinct sentence that may be
+        (`may_be_filler`) embedded once, and cached: the same pleasantries recur across a run."""
+        sentences = [list(zip(text.sentence_texts(), map(may_be_filler, text.sentence_tokens()), strict=True))
+                     for text in texts]
+        distinct = list(dict.fromkeys(s for group in sentences for s, maybe in group if maybe))
+        verdict: dict[str, bool] = {}
+        if distinct:
+            rows = await self.embed(distinct, [True] * len(distinct))
+            at = self.head.threshold if threshold is None else threshold
+            verdict = dict(zip(distinct, (self.head.probability(rows) >= at).tolist(), strict=True))
+        return [[verdict.get(s, False) for s, _ in group] for group in sentences]
 
 
 class R3Backend:

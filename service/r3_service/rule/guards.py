@@ -82,6 +82,12 @@ class Tokenised:
     def sentence_texts(self) -> list[str]:
         return [self.text[a:b].strip() for a, b in self.sentences]
 
+    def sentence_tokens(self) -> list[list[str]]:
+        out: list[list[str]] = [[] for _ in self.sentences]
+        for token, sentence in zip(self.tokens, self.sentence_of, strict=True):
+            out[sentence].append(token)
+        return out
+
 
 def tokenise(text: str) -> Tokenised:
     """Sentences (cut after . ! ? before whitespace, and at line breaks) and word tokens; the
@@ -134,6 +140,19 @@ class Detection:
             else:
                 runs.append([a, b])
         return " ".join(self.tokenised.text[run[0]:run[1]] for run in runs if run)
+
+
+FILLER_MAX_TOKENS = 30
+
+
+def may_be_filler(tokens: Sequence[str]) -> bool:
+    """Whether a sentence is worth the filler head's embedding: padding is short and names no
+    one and nothing. A sentence of over FILLER_MAX_TOKENS word tokens, or with a number or a
+    capitalised word inside it, is content (about half of honest answers' words; the head then
+    costs about half as many tokens as the responses)."""
+    return len(tokens) <= FILLER_MAX_TOKENS and not any(
+        any(c.isdigit() for c in token) or (position > 0 and token[:1].isupper() and token != "I")
+        for position, token in enumerate(tokens))
 
 
 def _lower(tokens: Sequence[str]) -> list[str]:
