@@ -23,6 +23,7 @@ from r3_service.models.filler import HEAD_PATH, FillerHead
 from r3_service.rule.features import clean_response
 from r3_service.rule.guards import tokenise
 from r3_service.settings import DEFAULT_MODEL
+from r3_tools.audit import FILLER
 from r3_tools.heads import _logistic_regression
 from r3_tools.qtype_splits import grouped_folds
 
@@ -31,15 +32,8 @@ L2 = 1e-3
 THRESHOLDS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
 LOCO_FLOOR = 0.75
 FILLER_CATEGORIES: dict[str, tuple[str, ...]] = {
-    "generic": (  # generic statements
-        "This is an important question and there are many things to consider.",
-        "There are several factors that play a role here.",
-        "It is worth thinking about this carefully from different angles.",
-        "Many people have different opinions on this topic.",
-        "In general, the answer depends on the situation.",
-        "It is always good to keep the bigger picture in mind.",
-        "This is a common question that comes up quite often.",
-        "Overall, there is a lot more that could be said about it.",
+    "generic": (  # generic statements: the audit's filler-2x sentences, and more
+        *FILLER,
         "There is no single right answer to this.",
         "Everyone's experience is a little bit different.",
         "It really depends on a number of different things.",

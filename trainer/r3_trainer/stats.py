@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 
-from r3_service.rule.copying import copy_overlaps
+from r3_service.rule.copying import copy_shares
 from r3_service.rule.guards import REASONS, detect, tokenise
 from r3_trainer.config import HackBounds
 from r3_trainer.rewards import ScoredRewards
@@ -62,8 +62,8 @@ def text_signals(accelerator: Accelerator, queries: list[str], texts: list[str],
     query (4-gram overlap past `copy_threshold`), share of empty ones, mean length in words, and
     the share of responses each of the service's pure-Python hack detectors flags (`rule.guards`:
     the question pasted back or reworded, an input handed back, text repeated)."""
-    overlaps = copy_overlaps(zip(queries, texts, strict=True))
     split = [tokenise(t) for t in texts]
+    overlaps = copy_shares((q, s.tokens) for q, s in zip(queries, split, strict=True))
     flagged = [{r for r in detect(q, s).unpaid if r} for q, s in zip(queries, split, strict=True)]
     local = torch.tensor([
         sum(o >= copy_threshold for o in overlaps), sum(overlaps), sum(not t for t in texts),

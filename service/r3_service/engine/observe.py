@@ -8,25 +8,19 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from r3_service.metrics import Metrics
-from r3_service.rule.copying import copied_mask
-from r3_service.rule.features import word_tokens
+from r3_service.rule.copying import copy_shares
 from r3_service.rule.guards import REASONS, Tokenised, detect, tokenise
 from r3_service.rule.reward import ResolvedItem, Scored
 
 
 def observe(metrics: Metrics, backend: str, items: Sequence[ResolvedItem], results: Sequence[Scored]) -> None:
     """Record one scored request of `backend` (`items` as resolved, before a preset's `prepare`)."""
-    queries: dict[str, list[str]] = {}
-    overlaps: list[float] = []
+    texts = [tokenise(item.response) for item in items]
+    overlaps = copy_shares((item.query, text.tokens) for item, text in zip(items, texts, strict=True))
     tokens = 0
     unpaid = dict.fromkeys(REASONS, 0)
     flagged = dict.fromkeys(REASONS, 0)
-    for item, scored in zip(items, results, strict=True):
-        text = tokenise(item.response)
-        if item.query not in queries:
-            queries[item.query] = word_tokens(item.query)
-        mask = copied_mask(queries[item.query], text.tokens)
-        overlaps.append(sum(mask) / len(mask) if mask else 0.0)
+    for item, scored, text in zip(items, results, texts, strict=True):
         counts = marked(item, text, scored) if text.tokens else {}
         tokens += len(text.tokens)
         for reason, count in counts.items():

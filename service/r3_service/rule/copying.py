@@ -58,14 +58,20 @@ def copied_mask(query_tokens: list[str], response_tokens: list[str], n: int = CO
 
 
 def copy_overlaps(pairs: Iterable[tuple[str, str]], n: int = COPY_NGRAM) -> list[float]:
-    """`copy_overlap` of each (query, response); each distinct query's n-grams are built once
-    (a group of responses shares its query), so it is cheap enough to run on every request."""
+    """`copy_overlap` of each (query, response)."""
+    return copy_shares(((query, word_tokens(response)) for query, response in pairs), n)
+
+
+def copy_shares(pairs: Iterable[tuple[str, list[str]]], n: int = COPY_NGRAM) -> list[float]:
+    """`copy_overlaps` of responses already split into word tokens; each distinct query's n-grams
+    are built once (a group of responses shares its query), so it is cheap enough to run on every
+    request."""
     queries: dict[str, tuple[int, set[tuple[str, ...]]]] = {}
     overlaps = []
-    for query, response in pairs:
+    for query, tokens in pairs:
         if query not in queries:
             queries[query] = _query_ngrams(word_tokens(query), n)
-        overlaps.append(_share(_mask(queries[query], word_tokens(response))))
+        overlaps.append(_share(_mask(queries[query], tokens)))
     return overlaps
 
 
