@@ -11,7 +11,7 @@ import torch
 from conftest import DATA
 from r3_service.models.filler import FillerHead
 from r3_service.rule.features import word_tokens
-from r3_service.rule.guards import GuardParams, detect, guarded_reward, tokenise
+from r3_service.rule.guards import GuardParams, detect, filler_flags, filler_units, guarded_reward, tokenise
 from r3_tools.filler import TRAINING_FILLER
 from r3_tools.hacks import FILLER_STYLES, input_section, pad, reword
 
@@ -68,12 +68,56 @@ def test_input_echo_counts_what_the_reference_does_not_keep() -> None:
     assert reasons(query, reference, reference) == set()  # the edit itself keeps what it should
 
 
+def test_input_echo_is_found_whatever_the_reference_keeps_of_it() -> None:
+    # The reference keeps "She was excited to": the copy is still the input, whole.
+    query = ("Rewrite the sentence using different words.\n\n### Input:\n"
+             "She was excited to finally arrive at the destination.")
+    reference = "She was excited to reach the place at last."
+    detection = detect(query, tokenise(input_section(query)), reference)
+    assert detection.shares["input_echo"] >= 0.6
+    assert detection.paid_text() == "She was excited to"  # what the reference keeps stays paid
+    # An open task's material handed back is no answer either; a short input is only its topic.
+    respond = "Respond to the given comment.\n\n### Input:\nI can't believe he said that to everyone."
+    assert reasons(respond, f"Sure. {input_section(respond)}") == {"input_echo"}
+    poem = "Write a poem about the season.\n\n### Input:\nSpring"
+    assert reasons(poem, "Spring wakes the sleeping hills.") == set()
+
+
+@pytest.mark.parametrize(("query", "response"), [
+    ("Generate a list of five new countries which could host the 2026 World Cup.",
+     "Can you come up with enumerate of five new countries which could host 2026 World Cup?"),
+    ("Explain the significance of the provided historical event.",
+     "Hi! I need some help. Clarify significance of provided historical event."),
+])
+def test_a_reworded_question_carrying_the_response_is_not_paid(query: str, response: str) -> None:
+    assert "restate" in reasons(query, response)
+
+
+@pytest.mark.parametrize(("query", "response"), [
+    ('Explain the meaning of the phrase "actions speak louder than words".',
+     'The phrase "actions speak louder than words" means that words without corresponding action are not '
+     "as meaningful or effective. It suggests that it is better to demonstrate what you believe with your "
+     "behavior, rather than just talking about it."),
+    ("Create a question about the consequences of global warming.",
+     "What are the potential consequences of global warming?"),
+])
+def test_an_answer_in_the_questions_words_is_paid(query: str, response: str) -> None:
+    assert reasons(query, response) == set()
+
+
 def test_filler_is_marked_only_where_the_head_says_so() -> None:
     response = f"{ANSWER} I hope this helps!"
     flags = [False] * (len(tokenise(response).sentences) - 1) + [True]
     assert reasons(QUERY, response) == set()  # no head: the pure-Python detectors alone
     detection = detect(QUERY, tokenise(response), None, flags)
     assert set(r for r in detection.unpaid if r) == {"filler"} and detection.paid_text() == ANSWER
+
+
+def test_a_weaker_sentence_is_padding_only_beside_padding() -> None:
+    assert filler_flags([0.6, 0.35, None, 0.4, 0.1], 0.5, 0.2) == [True, True, False, False, False]
+    assert filler_flags([0.35, 0.31, 0.9, 0.2], 0.5, 0.2) == [True, True, True, False]
+    assert filler_flags([0.45, 0.45], 0.5, 0.2) == [False, False]  # no run without a sure one
+    assert filler_flags([0.45, 0.9], 0.5, 0.0) == [False, True]
 
 
 def test_the_guarded_reward_never_pays_for_unpaid_text() -> None:
@@ -94,7 +138,7 @@ def head_and_model():
 
 def test_the_head_calls_padding_it_never_saw_filler_and_answers_not(head_and_model) -> None:
     head, model = head_and_model
-    held_out = [s for style in ("preamble", "hedge", "motivate", "offer") for s in FILLER_STYLES[style]]
+    held_out = [s for style in FILLER_STYLES.values() for s in style]
     assert not set(held_out) & set(TRAINING_FILLER)
     records = json.loads(DATA.read_text())[-200:]
     honest = [s for r in records for s in tokenise(r["output"].strip()).sentence_texts()][:400]
@@ -103,6 +147,13 @@ def test_the_head_calls_padding_it_never_saw_filler_and_answers_not(head_and_mod
     assert (p_filler >= head.threshold).float().mean() >= 0.75
     assert (p_honest >= head.threshold).float().mean() <= 0.05
     assert torch.all((p_honest >= 0) & (p_honest <= 1))
+    # The prefilter (word vectors, no encoder pass) lets all of that padding through, and drops
+    # most honest sentences before they cost an embedding.
+    assert head.prefilter is not None
+    passed_filler = head.prefilter.probability(model.word_vectors(held_out)) >= head.prefilter_threshold
+    passed_honest = head.prefilter.probability(model.word_vectors(honest)) >= head.prefilter_threshold
+    assert bool(passed_filler.all())
+    assert passed_honest.float().mean() <= 0.5
 
 
 def test_the_guarded_preset_ranks_the_answer_above_its_hacks(app_client) -> None:
@@ -133,3 +184,17 @@ def test_only_short_sentences_that_name_nothing_go_to_the_filler_head() -> None:
     assert not may_be_filler(word_tokens("It was founded by Ada Lovelace."))
     assert not may_be_filler(word_tokens(ANSWER + " " + ANSWER))  # over 30 word tokens
     assert may_be_filler(word_tokens("I hope this helps!"))
+    assert not may_be_filler(word_tokens("..........."))  # no word, nothing to read
+
+
+def test_padding_run_on_from_a_line_without_a_full_stop_is_read_on_its_own() -> None:
+    title = "Dressed for Success: The Latest Looks in Fashion"
+    text = tokenise(f"{title} It should be noted that opinions may vary.")
+    assert len(text.sentences) == 1
+    (unit,) = filler_units(text)
+    assert unit is not None and text.piece(unit) == "It should be noted that opinions may vary."
+    detection = detect("Write a headline about fashion.", text, None, [True])
+    assert detection.paid_text() == title
+    # a sentence that may be padding is read whole; a name with no padding after it, not at all
+    assert filler_units(tokenise("I hope this helps!")) == [[0, 1, 2, 3, 4]]
+    assert filler_units(tokenise("It was founded by Ada Lovelace in Paris.")) == [None]

@@ -72,6 +72,17 @@ def test_layers_view_shares_the_weights_and_ends_with_the_sentence_embedding(emb
         embedding_model.view("max")
 
 
+def test_word_vectors_are_the_mean_of_the_texts_word_piece_rows(embedding_model) -> None:
+    texts = ["I hope this helps!", "", "Paris"]
+    rows = embedding_model.word_vectors(texts)
+    table = embedding_model.model.get_input_embeddings().weight
+    ids = embedding_model.tokenizer(texts[0], add_special_tokens=False)["input_ids"]
+    assert len(ids) >= 4 and rows.shape == (3, table.shape[1])
+    assert torch.allclose(rows[0], table[ids].float().mean(0), atol=1e-6)
+    assert torch.all(rows[1] == 0)  # nothing to average
+    assert not torch.allclose(rows[0], rows[2])
+
+
 @pytest.mark.slow  # builds a whole engine (both queues measured at start-up)
 def test_the_classifier_reads_its_view_through_a_queue_of_its_own(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("R3_DEVICE", "cpu")

@@ -4,7 +4,7 @@ sentences of honest answers.
 Positives: `TRAINING_FILLER` below (generic statements, closers, openers). Negatives: every
 sentence of the reference answers of the design fold (`design_rows`: the strict split's first
 fold, each leading word's queries in one fold). The validation fold and the audit's held-out
-filler styles (`hacks.HELD_OUT_FILLER`) are never seen here, so the audit measures the head on
+filler sentences (`hacks.FILLER_STYLES`) are never seen here, so the audit measures the head on
 padding it was not fitted to.
 
     python -m r3_tools.filler [--data data/alpacafarm_val.json] [--out PATH]
@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from r3_service.models.embedding import EmbeddingModel
-from r3_service.models.filler import HEAD_PATH, FillerHead
+from r3_service.models.filler import HEAD_PATH, FillerHead, Linear
 from r3_service.rule.features import clean_response
 from r3_service.rule.guards import tokenise
 from r3_service.settings import DEFAULT_MODEL
@@ -29,8 +29,9 @@ from r3_tools.qtype_splits import grouped_folds
 
 DATA = Path("data/alpacafarm_val.json")
 L2 = 1e-3
-THRESHOLDS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
+THRESHOLDS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
 LOCO_FLOOR = 0.75
+PREFILTER_FLOOR = 0.8  # stricter than the head's: what the prefilter drops the head never sees
 FILLER_CATEGORIES: dict[str, tuple[str, ...]] = {
     "generic": (  # generic statements: the audit's filler-2x sentences, and more
         *FILLER,
@@ -87,6 +88,32 @@ FILLER_CATEGORIES: dict[str, tuple[str, ...]] = {
         "Believe in yourself and you can do it!",
         "Take your time and be patient with yourself.",
     ),
+    "meta": (  # talk about the answer itself, not about the question
+        "This answer tries to cover everything that matters.",
+        "The explanation above should make things clearer.",
+        "I have done my best to keep this accurate and easy to follow.",
+        "The information here is thorough and reliable.",
+        "This reply was put together carefully to be as useful as possible.",
+        "The points above sum it up nicely.",
+        "Hopefully this gives a complete picture.",
+        "I made sure to include all the important details.",
+    ),
+    "hedges": (  # hedges that commit to nothing
+        "Of course, results may differ for different people.",
+        "Keep in mind that there are always exceptions.",
+        "Naturally, what is right for one person may not be right for another.",
+        "That said, nothing is ever set in stone.",
+        "Individual circumstances can change the picture quite a bit.",
+        "Your mileage may vary, of course.",
+    ),
+    "encouragement": (  # motivational closers
+        "Stay positive and keep going!",
+        "You've got this!",
+        "Never stop exploring and growing.",
+        "With a little effort, anything is possible.",
+        "Every step forward counts, so keep at it.",
+        "Enjoy the journey and have fun along the way!",
+    ),
     "transitions": (  # transitions that say nothing
         "With that being said, let's move on.",
         "All things considered, that is the general idea.",
@@ -139,23 +166,38 @@ def leave_one_category_out(negatives: torch.Tensor, positives: torch.Tensor,
     return out
 
 
-def pick_threshold(loco: dict[str, dict[str, float]]) -> float:
-    return max((t for t in THRESHOLDS if all(row[f"caught@{t:g}"] >= LOCO_FLOOR for row in loco.values())),
+def pick_threshold(loco: dict[str, dict[str, float]], floor: float = LOCO_FLOOR) -> float:
+    return max((t for t in THRESHOLDS if all(row[f"caught@{t:g}"] >= floor for row in loco.values())),
                default=min(THRESHOLDS))
 
 
+def _stage(honest: torch.Tensor, padding: torch.Tensor, categories: list[str],
+           floor: float) -> tuple[Linear, dict[str, dict[str, float]], float]:
+    loco = leave_one_category_out(honest, padding, categories)
+    weights, bias = _fit(honest, padding)
+    return Linear(weights, bias), loco, pick_threshold(loco, floor)
+
+
 def train(path: Path, model_name: str = DEFAULT_MODEL) -> FillerHead:
+    """The head over sentence embeddings, and its prefilter over word vectors; each one's
+    threshold by leave-one-category-out."""
     negatives = honest_sentences(path)
     categories = [name for name, group in FILLER_CATEGORIES.items() for _ in group]
     model = EmbeddingModel(model_name, device="cpu")
-    x = torch.nn.functional.normalize(model.embed([*negatives, *TRAINING_FILLER]), dim=-1)
-    honest, padding = x[:len(negatives)], x[len(negatives):]
-    loco = leave_one_category_out(honest, padding, categories)
-    weights, bias = _fit(honest, padding)
-    return FillerHead(model_name, weights, bias, {
+    texts = [*negatives, *TRAINING_FILLER]
+    stages = {}
+    for name, features, floor in (("head", model.embed(texts), LOCO_FLOOR),
+                                  ("prefilter", model.word_vectors(texts), PREFILTER_FLOOR)):
+        x = torch.nn.functional.normalize(features, dim=-1)
+        stages[name] = _stage(x[:len(negatives)], x[len(negatives):], categories, floor)
+    head, loco, threshold = stages["head"]
+    prefilter, prefilter_loco, prefilter_threshold = stages["prefilter"]
+    return FillerHead(model_name, head, prefilter, {
         "data": str(path), "fold": "design (grouped_folds(queries, 2)[0])", "negatives": len(negatives),
         "positives": len(TRAINING_FILLER), "l2": L2, "leave_one_category_out": loco,
-        "threshold": pick_threshold(loco), "loco_floor": LOCO_FLOOR})
+        "threshold": threshold, "loco_floor": LOCO_FLOOR,
+        "prefilter_leave_one_category_out": prefilter_loco, "prefilter_threshold": prefilter_threshold,
+        "prefilter_floor": PREFILTER_FLOOR})
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -166,7 +208,8 @@ def main(argv: list[str] | None = None) -> int:
     head = train(args.data)
     head.save(args.out)
     print(f"wrote {args.out} ({head.meta['negatives']} honest sentences, {head.meta['positives']} filler); "
-          f"threshold by leave-one-category-out: {head.meta['threshold']}")
+          f"thresholds by leave-one-category-out: head {head.threshold}, "
+          f"prefilter {head.prefilter_threshold}")
     return 0
 
 

@@ -32,10 +32,14 @@ from r3_tools.audit import (
 KNOBS: dict[str, tuple[float, ...]] = {
     "penalty": (0.0, 0.25, 0.5, 1.0),
     "filler_threshold": (0.3, 0.4, 0.6, 0.7),
-    "restate_share": (0.5, 0.6, 0.7, 0.8),
+    "filler_margin": (0.0, 0.1, 0.3),
+    "filler_topic_cap": (0.2, 0.4, 1.0),
+    "restate_share": (0.4, 0.6, 0.7),
+    "restate_cover": (0.5, 0.7),
+    "restate_anywhere": (0.0, 1.0),
     "echo_slack": (0, 1, 2),
 }
-WATCHED = ("copy-query", "query+answer", "repeat-2x", "filler-2x", "question-reworded")
+WATCHED = ("copy-query", "query+answer", "repeat-2x", "filler-2x", "question-reworded", "reworded+answer")
 
 
 async def _sweep(records: list, chunks: list, settings: Any) -> list[dict[str, Any]]:

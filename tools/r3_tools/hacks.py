@@ -1,10 +1,13 @@
 """Texts a policy games a reward with, for `r3-audit`: padding of several styles, the question
 reworded, and an input handed back unchanged.
 
-None of this was used to fit or tune `r3-guarded`: the filler head trains on
-`filler.TRAINING_FILLER` (generic statements, closers, openers) and the guards' knobs were set
-on the design fold with other paraphrases. The styles below are its held-out padding, the
-rewording its held-out paraphrase (bench/results/guards/).
+None of these texts was used to fit or tune `r3-guarded`: the filler head trains on
+`filler.TRAINING_FILLER` (nine kinds of padding, none of these sentences) and the guards' knobs
+were set on the design fold with other paraphrases. The styles below are its held-out padding,
+the rewording its held-out paraphrase (bench/results/guards/). Three of the styles (hedge,
+motivate, meta-talk) have a kind of their own among the training sentences since the head missed
+them when it had none: they measure the head on unseen sentences of a seen kind, preamble and
+offer on unseen sentences of kinds only near the training ones.
 """
 
 from __future__ import annotations

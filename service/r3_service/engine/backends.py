@@ -19,7 +19,7 @@ import torch
 from r3_service.engine.pool import ModelPool, describe_model
 from r3_service.engine.scheduler import BatchScheduler
 from r3_service.models.filler import FillerHead
-from r3_service.rule.guards import Detection, Tokenised, detect, may_be_filler, tokenise
+from r3_service.rule.guards import Detection, Tokenised, detect, filler_flags, filler_units, tokenise
 from r3_service.rule.moments import RunningMoments
 from r3_service.rule.reward import PRESETS, Preset, ResolvedItem, RuleParams, Scored, plain, relevance, score
 from r3_service.settings import (
@@ -48,23 +48,37 @@ class RewardBackend(Protocol):
 
 @dataclass(frozen=True)
 class FillerDetector:
-    """The filler head over the embeddings of its model's scheduler (`Infer`)."""
+    """The filler head over the embeddings of its model's scheduler (`Infer`), behind its
+    prefilter over the same model's word vectors (`words`)."""
 
     head: FillerHead
     embed: Infer
+    words: Callable[[list[str]], torch.Tensor]
 
-    async def flags(self, texts: list[Tokenised], threshold: float | None) -> list[list[bool]]:
-        """Per response, per sentence: is it generic padding? Each distinct sentence that may be
-        (`may_be_filler`) embedded once, and cached: the same pleasantries recur across a run."""
-        sentences = [list(zip(text.sentence_texts(), map(may_be_filler, text.sentence_tokens()), strict=True))
-                     for text in texts]
-        distinct = list(dict.fromkeys(s for group in sentences for s, maybe in group if maybe))
-        verdict: dict[str, bool] = {}
-        if distinct:
-            rows = await self.embed(distinct, [True] * len(distinct))
-            at = self.head.threshold if threshold is None else threshold
-            verdict = dict(zip(distinct, (self.head.probability(rows) >= at).tolist(), strict=True))
-        return [[verdict.get(s, False) for s, _ in group] for group in sentences]
+    async def probabilities(self, texts: list[Tokenised], queries: list[str],
+                            topic_cap: float) -> list[list[float | None]]:
+        """Per response, per sentence: p(generic padding) of its `filler_units` piece, None where
+        it cannot be: no piece to read, ruled out by the prefilter, or as close to the item's query as
+        `topic_cap` (about the question, not padding that fits any). Each distinct sentence read
+        once, and its embedding cached: the same pleasantries recur across a run."""
+        sentences = [[text.piece(unit) if unit else None for unit in filler_units(text)] for text in texts]
+        distinct = list(dict.fromkeys(s for group in sentences for s in group if s is not None))
+        if distinct and self.head.prefilter is not None:
+            p_words = self.head.prefilter.probability(await asyncio.to_thread(self.words, distinct))
+            distinct = [s for s, keep in zip(distinct, (p_words >= self.head.prefilter_threshold).tolist(),
+                                             strict=True) if keep]
+        if not distinct:
+            return [[None] * len(group) for group in sentences]
+        kept = set(distinct)
+        # The queries of the responses with a sentence left to read: the head's model embeds them too.
+        to_embed = list(dict.fromkeys([*distinct, *(q for q, group in zip(queries, sentences, strict=True)
+                                                    if any(s in kept for s in group))]))
+        rows = torch.nn.functional.normalize(await self.embed(to_embed, [True] * len(to_embed)), dim=-1)
+        row = {text: rows[i] for i, text in enumerate(to_embed)}
+        p_filler = dict(zip(distinct, self.head.probability(rows[:len(distinct)]).tolist(), strict=True))
+        return [[p_filler[s] if s in kept and float(row[s] @ row[query]) < topic_cap else None
+                 for s in group]
+                for query, group in zip(queries, sentences, strict=True)]
 
 
 class R3Backend:
@@ -101,8 +115,12 @@ class R3Backend:
     async def detect(self, items: list[ResolvedItem]) -> list[Detection]:
         texts = [tokenise(item.response) for item in items]
         guards = self.params.guards
-        flags = (await self.filler.flags(texts, guards.filler_threshold) if self.filler is not None
-                 else [None] * len(items))
+        flags: list[list[bool] | None] = [None] * len(items)
+        if self.filler is not None:
+            at = self.filler.head.threshold if guards.filler_threshold is None else guards.filler_threshold
+            flags = [filler_flags(p, at, guards.filler_margin)
+                     for p in await self.filler.probabilities(texts, [item.query for item in items],
+                                                              guards.filler_topic_cap)]
         # A reference exempts what it copies from the query only where the rule reads it.
         return [detect(item.query, text, item.reference if item.query_type == "closed" else None,
                        flag, guards)
@@ -271,7 +289,7 @@ def r3_backend(name: str, spec: R3BackendSpec, settings: Settings,
     head = filler_head()
     filler = pool.embedding(head.model, None)  # the head's own model: the same queue when it is R3's
     return (R3Backend(name, preset, params, scheduler.run, describe_model(scheduler.model),
-                      FillerDetector(head, filler.run)),
+                      FillerDetector(head, filler.run, filler.model.word_vectors)),
             tuple(dict.fromkeys((scheduler, filler))))
 
 

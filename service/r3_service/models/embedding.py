@@ -125,6 +125,20 @@ class EmbeddingModel:
             pooled = torch.nn.functional.normalize(pooled, dim=-1)
         return pooled.cpu()
 
+    @torch.inference_mode()
+    def word_vectors(self, texts: list[str]) -> torch.Tensor:
+        """The mean of each text's input word-piece vectors (the encoder's embedding table, no
+        encoder pass: a lookup), float32 on the CPU; zeros for a text without word pieces. Safe
+        beside `forward`: it only reads the table."""
+        table = self.model.get_input_embeddings().weight
+        encoded = self.tokenizer(texts, add_special_tokens=False, truncation=True, max_length=self.max_length,
+                                 return_attention_mask=False, return_token_type_ids=False)["input_ids"]
+        out = torch.zeros(len(texts), table.shape[1], dtype=torch.float32)
+        for row, ids in enumerate(encoded):
+            if ids:
+                out[row] = table[torch.tensor(ids, device=table.device)].float().mean(0).cpu()
+        return out
+
     def embed(self, texts: list[str]) -> torch.Tensor:
         """Embeddings of `texts` in order, in length-sorted batches (for tools and tests)."""
         sequences = self.tokenize(texts)

@@ -7,13 +7,14 @@ either paid or marked with the reason it is not:
 - `echo`: inside a verbatim copy of all of the query (or of its instruction), in word 4-grams.
   A phrase of the question inside an answer ("the capital of France") is no echo; the question
   pasted whole is.
-- `input_echo`: a verbatim copy of all of the query's input section, in 4-grams the reference
-  answer (closed items) does not also copy: an editing task answered with its input unchanged.
-- `restate`: a sentence whose content words (stop words aside, 5-letter stems) come mostly from
-  the instruction (share ≥ `restate_share`) and cover much of it (≥ `restate_cover`): the
-  question reworded. Marked where it carries the response (nothing else left to pay for) or asks
-  the question back; an answer's opening restatement stays paid. Stems a closed item's reference
-  also has are the answer's.
+- `input_echo`: the query's input section (a sentence or more) copied whole into the response,
+  counted in the 4-grams the reference answer (closed items) does not also keep: an editing task
+  answered with its input unchanged, or a request handed back with its material.
+- `restate`: a sentence whose content words (stop words aside, 5-letter stems) are mostly the
+  query's (share > `restate_share`) and cover much of its instruction (≥ `restate_cover`): the
+  question reworded. Marked where it carries the response (the content words left to pay for are
+  fewer than its own) or asks the question back; an answer's opening restatement stays paid.
+  Stems a closed item's reference also has are the answer's.
 - `repeat`: a word n-gram (n = `repeat_ngram`) or a whole sentence seen earlier in the response:
   the text pasted again.
 - `filler`: a sentence the filler head (`models.filler`, over sentence embeddings) calls generic
@@ -57,14 +58,19 @@ STOP_WORDS = frozenset(_STOP_WORDS_TEXT.split())
 class GuardParams:
     """The knobs of the detectors and of the guarded reward (defaults: bench/results/guards/)."""
 
-    restate_share: float = 0.5
-    restate_cover: float = 0.5
+    restate_share: float = 0.5  # strictly more than this share of a sentence's content words
+    restate_cover: float = 0.6
+    restate_anywhere: bool = False  # True: an answer's opening restatement is not paid either
     question_discount: float = 0.2  # a sentence ending in "?" needs restate_share minus this
     echo_slack: int = 0  # an echo may miss this many of the copied part's tokens
     echo_min: int = 6  # ...but is never shorter than this (or the part, when shorter)
     repeat_ngram: int = 10  # a whole clause again, not a refrain of a few words
     # p(filler) at or above which a sentence is padding; None: the head's own (models.filler)
     filler_threshold: float | None = None
+    filler_margin: float = 0.2  # ...and at or above threshold − margin beside padding
+    # ...unless its cosine to the query (the head's model) is at or above this: it is about the
+    # question, not padding that would fit any (1: no cap)
+    filler_topic_cap: float = 0.3
     # R_guarded = R(paid text) − |R(paid text)| · penalty · unpaid share
     penalty: float = 0.5
 
@@ -82,11 +88,19 @@ class Tokenised:
     def sentence_texts(self) -> list[str]:
         return [self.text[a:b].strip() for a, b in self.sentences]
 
-    def sentence_tokens(self) -> list[list[str]]:
-        out: list[list[str]] = [[] for _ in self.sentences]
-        for token, sentence in zip(self.tokens, self.sentence_of, strict=True):
-            out[sentence].append(token)
+    def members(self) -> list[list[int]]:
+        """The indices of each sentence's tokens."""
+        out: list[list[int]] = [[] for _ in self.sentences]
+        for index, sentence in enumerate(self.sentence_of):
+            out[sentence].append(index)
         return out
+
+    def sentence_tokens(self) -> list[list[str]]:
+        return [[self.tokens[i] for i in indices] for indices in self.members()]
+
+    def piece(self, indices: Sequence[int]) -> str:
+        """The text from the first of these tokens to the last."""
+        return self.text[self.spans[indices[0]][0]:self.spans[indices[-1]][1]]
 
 
 def tokenise(text: str) -> Tokenised:
@@ -145,14 +159,50 @@ class Detection:
 FILLER_MAX_TOKENS = 30
 
 
+def _names(token: str, position: int) -> bool:
+    """A number, or a capitalised word inside a sentence (not its first word, not "I")."""
+    return any(c.isdigit() for c in token) or (position > 0 and token[:1].isupper() and token != "I")
+
+
 def may_be_filler(tokens: Sequence[str]) -> bool:
-    """Whether a sentence is worth the filler head's embedding: padding is short and names no
-    one and nothing. A sentence of over FILLER_MAX_TOKENS word tokens, or with a number or a
+    """Whether a sentence is worth the filler head's embedding: padding is short, has words, and
+    names no one and nothing. A sentence of over FILLER_MAX_TOKENS word tokens, or with a number or a
     capitalised word inside it, is content (about half of honest answers' words; the head then
     costs about half as many tokens as the responses)."""
-    return len(tokens) <= FILLER_MAX_TOKENS and not any(
-        any(c.isdigit() for c in token) or (position > 0 and token[:1].isupper() and token != "I")
-        for position, token in enumerate(tokens))
+    return (len(tokens) <= FILLER_MAX_TOKENS and any(token.isalpha() for token in tokens)
+            and not any(_names(token, position) for position, token in enumerate(tokens)))
+
+
+FILLER_TAIL_MIN = 4
+
+
+def filler_units(text: Tokenised) -> list[list[int] | None]:
+    """Per sentence, the tokens the filler head reads: the sentence, where it may be padding;
+    else its tail from its last capitalised word, where that may be (padding run on from a line
+    with no full stop: "...in Fashion It should be noted that opinions may vary."); else None."""
+    units: list[list[int] | None] = []
+    for indices in text.members():
+        tokens = [text.tokens[i] for i in indices]
+        if may_be_filler(tokens):
+            units.append(indices)
+            continue
+        starts = [p for p, token in enumerate(tokens) if _names(token, p) and not token[:1].isdigit()]
+        tail = indices[starts[-1]:] if starts else []
+        units.append(tail if len(tail) >= FILLER_TAIL_MIN and may_be_filler(tokens[starts[-1]:]) else None)
+    return units
+
+
+def filler_flags(probabilities: Sequence[float | None], threshold: float, margin: float) -> list[bool]:
+    """Per sentence, is it padding: p(filler) ≥ threshold, or ≥ threshold − margin next to
+    padding (padding comes in runs, and a run's weakest sentence should not be paid for being
+    beside the others). None: not read by the head (no candidate)."""
+    flags = [p is not None and p >= threshold for p in probabilities]
+    weak = [p is not None and p >= threshold - margin for p in probabilities]
+    for order in (range(1, len(flags)), range(len(flags) - 2, -1, -1)):
+        for i in order:
+            neighbour = i - 1 if order.step == 1 else i + 1
+            flags[i] = flags[i] or (weak[i] and flags[neighbour])
+    return flags
 
 
 def _lower(tokens: Sequence[str]) -> list[str]:
@@ -173,55 +223,75 @@ def _mark(unpaid: list[str | None], indices: range | Sequence[int], reason: str)
 
 
 @dataclass(frozen=True)
-class QueryView:
-    """What the detectors compare a response with, built once per (query, reference): the
-    4-grams of the instruction and of the input section (less the reference's) with the run
-    length that counts as a copy of each, and the query's content stems (less the reference's)."""
+class EchoPart:
+    """A part of the query a response may paste back: its 4-grams, those of them the reference
+    also has (kept as the answer's), and how many of its tokens a copy must span."""
 
-    parts: tuple[tuple[int, frozenset[tuple[str, ...]], int, str], ...]  # (n, grams, need, reason)
+    size: int
+    grams: frozenset[tuple[str, ...]]
+    exempt: frozenset[tuple[str, ...]]
+    need: int
+    reason: str
+
+
+@dataclass(frozen=True)
+class QueryView:
+    """What the detectors compare a response with, built once per (query, reference): the parts
+    a response may paste back, the instruction's content stems (less the reference's) and words
+    (a name or number it has is not new), and whether it asks for questions (then a question is
+    an answer, not the question asked back)."""
+
+    parts: tuple[EchoPart, ...]
     stems: frozenset[str]
+    words: frozenset[str]
+    asks_for_questions: bool
 
 
 @functools.lru_cache(maxsize=4096)
 def query_view(query: str, reference: str | None, params: GuardParams) -> QueryView:
     reference_tokens = word_tokens(reference) if reference else []
-    exempt = _lower(reference_tokens)
     instruction, _, section = query.partition(INPUT_MARKER)
+    instruction_tokens, section_tokens = word_tokens(instruction), word_tokens(section)
     parts = []
-    # The instruction pasted back is never an answer; an input may be partly kept by one.
-    sides = [(word_tokens(query), "echo", []), (word_tokens(instruction), "echo", [])]
-    section_tokens = word_tokens(section)
-    # An input handed back is a hack where a reference says what the answer keeps of it (closed
-    # items), and only for an input of a sentence or more: a short one is the topic, named again.
-    if reference is not None and len(section_tokens) >= params.echo_min:
-        sides.append((section_tokens, "input_echo", exempt))
+    # The instruction pasted back is never an answer; an input may be partly kept by one (what a
+    # reference keeps of it is the answer's), and a short one is the topic, named again.
+    sides = [(word_tokens(query), "echo", ()), (instruction_tokens, "echo", ())]
+    if len(section_tokens) >= params.echo_min:
+        sides.append((section_tokens, "input_echo", reference_tokens))
     for part, reason, keep in sides:
         size = min(_ECHO_NGRAM, len(part))
         if size:
-            grams = frozenset(_ngrams(_lower(part), size) - _ngrams(keep, size))
+            grams = _ngrams(_lower(part), size)
             need = max(min(params.echo_min, len(part)), len(part) - params.echo_slack)
-            parts.append((size, grams, need, reason))
+            parts.append(EchoPart(size, frozenset(grams), frozenset(grams & _ngrams(_lower(keep), size)),
+                                  need, reason))
     # Rewording is of the instruction: an answer to a task with an input may well reuse its words.
-    stems = content_stems(word_tokens(instruction)) - content_stems(reference_tokens)
-    return QueryView(tuple(parts), frozenset(stems))
+    stems = content_stems(instruction_tokens) - content_stems(reference_tokens)
+    words = _lower(instruction_tokens)
+    return QueryView(tuple(parts), frozenset(stems), frozenset(words),
+                     any(word.startswith("question") for word in words))
 
 
 def _echoes(view: QueryView, tokens: list[str], unpaid: list[str | None]) -> None:
-    """Mark runs of the response inside the query's 4-grams that copy (nearly) all of the
-    query's instruction or of its input section."""
+    """Mark runs of the response inside a part's 4-grams that copy (nearly) all of it, less the
+    4-grams the reference keeps."""
     lowered = _lower(tokens)
-    for size, grams, need, reason in view.parts:
-        mask = [False] * len(tokens)
-        for i in range(len(tokens) - size + 1):
-            if tuple(lowered[i:i + size]) in grams:
-                mask[i:i + size] = [True] * size
+    for part in view.parts:
+        copied = [False] * len(tokens)
+        kept = [False] * len(tokens)
+        for i in range(len(tokens) - part.size + 1):
+            gram = tuple(lowered[i:i + part.size])
+            if gram in part.grams:
+                copied[i:i + part.size] = [True] * part.size
+                if gram in part.exempt:
+                    kept[i:i + part.size] = [True] * part.size
         start = None
-        for i, copied in enumerate([*mask, False]):
-            if copied and start is None:
+        for i, inside in enumerate([*copied, False]):
+            if inside and start is None:
                 start = i
-            elif not copied and start is not None:
-                if i - start >= need:
-                    _mark(unpaid, range(start, i), reason)
+            elif not inside and start is not None:
+                if i - start >= part.need:
+                    _mark(unpaid, [j for j in range(start, i) if not kept[j]], part.reason)
                 start = None
 
 
@@ -235,60 +305,68 @@ def _repeats(text: Tokenised, unpaid: list[str | None], n: int) -> None:
         if gram in seen:
             _mark(unpaid, range(i, i + n), "repeat")
         seen.add(gram)
-    sentences: dict[int, list[int]] = {}
-    for i, sentence in enumerate(text.sentence_of):
-        sentences.setdefault(sentence, []).append(i)
     said: set[tuple[str, ...]] = set()
-    for indices in sentences.values():
+    for indices in text.members():
         words = tuple(lowered[i] for i in indices)
         if len(words) >= 2 and words in said:
             _mark(unpaid, indices, "repeat")
         said.add(words)
 
 
-def _sentences(text: Tokenised, query_stems: frozenset[str], filler: Sequence[bool] | None,
+def _sentences(text: Tokenised, view: QueryView, filler: Sequence[bool] | None,
                unpaid: list[str | None], params: GuardParams) -> None:
-    """Filler sentences; and restating ones where they carry the response (what else is left to
-    pay for is shorter than they are) or ask the question back. An answer's opening restatement
-    ("Here are some tips to manage stress during exams:") stays paid: it is how honest answers
-    start, and the reward of the answer after it is what a policy could gain by it."""
-    members: list[list[int]] = [[] for _ in text.sentences]
-    for i, sentence in enumerate(text.sentence_of):
-        members[sentence].append(i)
-    restating = [_restates(text, indices, query_stems, params) for indices in members]
+    """Filler sentences; and restating ones where they carry the response (the other sentences
+    add fewer new content stems than they repeat of the instruction) or ask the question back.
+    An answer's opening restatement ("Here are some tips to manage stress during exams:") stays
+    paid: it is how honest answers start, and the reward of the answer after it is what a policy
+    could gain by it."""
+    members = text.members()
+    restating = [_restates(text, indices, view, params) for indices in members]
+    if filler is not None:
+        for sentence, unit in enumerate(filler_units(text)):
+            if filler[sentence] and unit is not None and not restating[sentence]:
+                _mark(unpaid, unit, "filler")
+    stems = [text.tokens[i][:STEM].lower() if _is_content(text.tokens[i]) else None
+             for i in range(len(text.tokens))]
+    restated = {stems[i] for sentence, indices in enumerate(members) if restating[sentence]
+                for i in indices if stems[i] in view.stems}
+    added = {stems[i] for sentence, indices in enumerate(members) if not restating[sentence]
+             for i in indices if unpaid[i] is None and stems[i] is not None and stems[i] not in view.stems}
     for sentence, indices in enumerate(members):
-        if filler is not None and filler[sentence] and not restating[sentence]:
-            _mark(unpaid, indices, "filler")
-    restated = sum(len(indices) for sentence, indices in enumerate(members) if restating[sentence])
-    content = sum(unpaid[i] is None for sentence, indices in enumerate(members) if not restating[sentence]
-                  for i in indices)
-    for sentence, indices in enumerate(members):
-        if restating[sentence] and (content < restated or _asks(text, indices)):
+        if restating[sentence] and (params.restate_anywhere or len(added) < len(restated)
+                                    or _asks_back(text, indices, view)):
             _mark(unpaid, indices, "restate")
 
 
-def _restates(text: Tokenised, indices: list[int], query_stems: frozenset[str], params: GuardParams) -> bool:
-    """Most of the sentence's content words are the question's, they cover much of it, and the
-    words it adds name nothing (a name or a number it adds is an answer: "The capital of France
-    is Paris."); a question back needs a lower share (answers rarely ask the question again)."""
+def _is_content(token: str) -> bool:
+    return token.isalpha() and token.lower() not in STOP_WORDS
+
+
+def _restates(text: Tokenised, indices: list[int], view: QueryView, params: GuardParams) -> bool:
+    """Most of the sentence's content words are the instruction's, they cover much of it, and the
+    words it adds name nothing (a name or a number the query lacks is an answer: "The
+    capital of France is Paris."); a question back needs a lower share (answers rarely ask the
+    question again); where the query asks for questions, a question is an answer."""
     tokens = [text.tokens[i] for i in indices]
+    if view.asks_for_questions and _is_question(text, indices):
+        return False
     if any(_names(token, position) for position, token in enumerate(tokens)
-           if token[:STEM].lower() not in query_stems):
+           if token.lower() not in view.words):
         return False
     stems = content_stems(tokens)
-    shared = len(stems & query_stems)
-    share = params.restate_share - (params.question_discount if _asks(text, indices) else 0.0)
-    return (len(stems) >= 2 and bool(query_stems) and shared / len(stems) >= share
-            and shared / len(query_stems) >= params.restate_cover)
+    shared = len(stems & view.stems)
+    share = params.restate_share - (params.question_discount if _asks_back(text, indices, view) else 0.0)
+    return (len(stems) >= 2 and bool(view.stems) and shared / len(stems) > share
+            and shared / len(view.stems) >= params.restate_cover)
 
 
-def _names(token: str, position: int) -> bool:
-    """A number, or a capitalised word inside a sentence (not its first word, not "I")."""
-    return any(c.isdigit() for c in token) or (position > 0 and token[:1].isupper() and token != "I")
-
-
-def _asks(text: Tokenised, indices: list[int]) -> bool:
+def _is_question(text: Tokenised, indices: list[int]) -> bool:
     return bool(indices) and text.tokens[indices[-1]].startswith("?")
+
+
+def _asks_back(text: Tokenised, indices: list[int], view: QueryView) -> bool:
+    """The sentence is a question, and the query did not ask for questions."""
+    return _is_question(text, indices) and not view.asks_for_questions
 
 
 def detect(query: str, text: Tokenised, reference: str | None = None, filler: Sequence[bool] | None = None,
@@ -299,7 +377,7 @@ def detect(query: str, text: Tokenised, reference: str | None = None, filler: Se
     view = query_view(query, reference, params)
     _echoes(view, text.tokens, unpaid)
     _repeats(text, unpaid, params.repeat_ngram)
-    _sentences(text, view.stems, filler, unpaid, params)
+    _sentences(text, view, filler, unpaid, params)
     n = len(unpaid)
     shares = {reason: (sum(r == reason for r in unpaid) / n if n else 0.0) for reason in REASONS}
     return Detection(text, unpaid, shares)
