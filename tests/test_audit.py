@@ -157,6 +157,17 @@ def test_spearman_uses_average_ranks() -> None:
         audit.spearman([1.0, 1.0, 2.0], [2.0, 1.0, 3.0]))
 
 
+def test_spearmans_standard_error_is_a_seeded_bootstrap() -> None:
+    rising = list(range(50))
+    assert audit.spearman_se(rising, rising) == pytest.approx(0.0, abs=1e-12)  # every resample: 1
+    noisy = [x + (7 * x % 13) for x in rising]
+    se = audit.spearman_se(rising, noisy)
+    assert se is not None and 0.005 < se < 0.2
+    assert audit.spearman_se(rising, noisy) == se  # the same draws on a rerun
+    fewer = audit.spearman_se(rising[:12], noisy[:12])
+    assert fewer is not None and fewer > se  # fewer items, a wider figure
+
+
 def test_quantiles_interpolate_like_numpy() -> None:
     assert audit.quantile([4, 1, 3, 2], 0.5) == 2.5
     assert audit.quantile([1, 2, 3, 4, 5], 0.1) == pytest.approx(1.4)
@@ -270,6 +281,8 @@ def test_report_counts_branches_and_correlations(presets: tuple[Path, dict]) -> 
     assert report["branches"]["r3"]["median_ratio_closed_open"] > 1
     assert report["spearman"]["with"] == "r3" and report["spearman"]["rho"]["r3"] == pytest.approx(1.0)
     assert -1 <= report["spearman"]["rho_open"]["r3-novel"] <= 1
+    assert report["spearman"]["rho_se"]["r3"] is None  # the base against itself: no spread
+    assert 0 <= report["spearman"]["rho_open_se"]["r3-novel"] < 0.5
 
 
 @pytest.mark.slow  # the presets fixture: MiniLM on 40 records, ~25 s on 2 cores

@@ -54,7 +54,11 @@ def test_each_hack_is_marked_with_its_reason(response: str, reason: str) -> None
 
 def test_the_pasted_question_is_cut_and_the_answer_kept() -> None:
     detection = detect(QUERY, tokenise(f"{QUERY}\n\n{ANSWER}"))
-    assert detection.paid_text() == ANSWER
+    params = GuardParams()
+    assert detection.paid_text() == ANSWER and detection.moves_relevance(params)
+    closer = f"{ANSWER} {ANSWER[:40]} and so on. I hope this helps!"
+    small = detect(QUERY, tokenise(closer), None, [False, False, False, True])
+    assert 0 < small.unpaid_share < params.reread_share and not small.moves_relevance(params)
     share = len(word_tokens(QUERY)) / len(word_tokens(f"{QUERY} {ANSWER}"))
     assert detection.shares["echo"] == pytest.approx(share)
 
@@ -172,6 +176,12 @@ def test_the_guarded_preset_ranks_the_answer_above_its_hacks(app_client) -> None
     assert parts[0]["unpaid"] == {"echo": 0, "input_echo": 0, "restate": 0, "repeat": 0, "filler": 0}
     assert parts[1]["unpaid"]["echo"] == 1 and parts[3]["unpaid"]["repeat"] == pytest.approx(0.5, abs=0.05)
     assert parts[4]["unpaid"]["filler"] > 0.2 and parts[5]["unpaid"]["filler"] > 0.2
+    # Relevance is read again on the paid text (here the answer itself) where the cut moves it.
+    r3_parts = app_client.post("/reward", json={"items": items, "backend": "r3",
+                                                "return_components": True}).json()["components"]
+    for hack in (2, 4):  # the question pasted before the answer; three closers after it
+        assert parts[hack]["relevance"] == pytest.approx(r3_parts[0]["relevance"], abs=1e-6)
+    assert r3_parts[2]["relevance"] > r3_parts[0]["relevance"]  # the pasted question had lifted R3's S
 
 
 def test_only_short_sentences_that_name_nothing_go_to_the_filler_head() -> None:
@@ -198,3 +208,14 @@ def test_padding_run_on_from_a_line_without_a_full_stop_is_read_on_its_own() -> 
     # a sentence that may be padding is read whole; a name with no padding after it, not at all
     assert filler_units(tokenise("I hope this helps!")) == [[0, 1, 2, 3, 4]]
     assert filler_units(tokenise("It was founded by Ada Lovelace in Paris.")) == [None]
+
+
+def test_one_split_of_a_response_serves_the_rule_the_detectors_and_the_metrics(app_client) -> None:
+    responses = [f"{ANSWER} Note {n}: it depends on the data and the task." for n in range(3)]
+    items = [{"query": QUERY, "response": r, "query_type": "open"} for r in responses]
+    tokenise.cache_clear()
+    got = app_client.post("/reward", json={"items": items, "backend": "r3-guarded"})
+    assert got.status_code == 200
+    info = tokenise.cache_info()
+    # each distinct response split once; the rule's features and /metrics read that split again
+    assert info.misses == len(responses) and info.hits >= 2 * len(responses)

@@ -124,3 +124,13 @@ def test_history_kinds_and_counts_are_checked() -> None:
     for bad in ("tiny", "tiny:x", "huge:3"):
         with pytest.raises(ValueError, match="KIND:COUNT"):
             parse_history(bad)
+
+
+def test_the_bench_table_gives_another_backends_cost_beside_the_defaults() -> None:
+    from r3_tools.bench import Result, markdown
+
+    rows = markdown([Result("engine-in-process", True, 80.0, 16, 64),
+                     Result("engine-in-process[r3-guarded]", True, 60.0, 16, 64, x_default=0.74)],
+                    {True: 20.0}, {True: 40.0}).splitlines()
+    assert "× default backend" in rows[0] and len(rows) == 4
+    assert rows[2].split("|")[8].strip() == "-" and rows[3].split("|")[8].strip() == "0.74"

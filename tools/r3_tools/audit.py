@@ -434,15 +434,34 @@ def spearman(a: Sequence[float], b: Sequence[float]) -> float | None:
     return cov / math.sqrt(va * vb) if va > 0 and vb > 0 else None
 
 
+BOOTSTRAP_ROUNDS = 200
+
+
+def spearman_se(a: Sequence[float], b: Sequence[float], rounds: int = BOOTSTRAP_ROUNDS) -> float | None:
+    """The bootstrap standard error of `spearman(a, b)`: items resampled with replacement (seeded,
+    so a rerun gives the same figure)."""
+    draw = random.Random(0)
+    values = []
+    for _ in range(rounds):
+        picks = [draw.randrange(len(a)) for _ in a]
+        rho = spearman([a[i] for i in picks], [b[i] for i in picks])
+        if rho is not None:
+            values.append(rho)
+    return statistics.stdev(values) if len(values) > 1 else None
+
+
 def correlations(records: Sequence[Record], rewards: Rewards, base: str) -> dict[str, Any]:
-    """Spearman of each backend's true-response rewards with `base`'s: on all items and per branch."""
+    """Spearman of each backend's true-response rewards with `base`'s, and its bootstrap standard
+    error (`rho…_se`): on all items and per branch."""
     true = {b: true_rewards(got, len(records)) for b, got in rewards.items()}
     out: dict[str, Any] = {"with": base}
     for branch in ("all", *BRANCHES):
         kept = [i for i, r in enumerate(records) if branch in ("all", r.query_type)]
-        out["rho" if branch == "all" else f"rho_{branch}"] = {
-            b: spearman([v[i] for i in kept], [true[base][i] for i in kept]) if len(kept) > 1 else None
-            for b, v in true.items()}
+        key = "rho" if branch == "all" else f"rho_{branch}"
+        pairs = {b: ([v[i] for i in kept], [true[base][i] for i in kept]) for b, v in true.items()}
+        out[key] = {b: spearman(*pair) if len(kept) > 1 else None for b, pair in pairs.items()}
+        out[f"{key}_se"] = {b: spearman_se(*pair) if len(kept) > 1 and b != base else None
+                            for b, pair in pairs.items()}
     return out
 
 
@@ -554,6 +573,11 @@ def _with_se(measured: dict[str, Any], metric: str, digits: int) -> str:
     return f"{value} ± {se:.{digits}f}" if se is not None else value
 
 
+def _rho_cell(spearman: dict[str, Any], key: str, backend: str) -> str:
+    se = spearman.get(f"{key}_se", {}).get(backend)
+    return _cell(spearman[key][backend]) + (f" ± {se:.3f}" if se is not None else "")
+
+
 def _table(report: Report, branch: str, metric: str, digits: int = 3) -> list[str]:
     backends = list(report.results)
     n_key = "n" if branch == "all" else f"n_{branch}"
@@ -611,8 +635,9 @@ def markdown(report: Report) -> str:
         other = report.spearman["with"]
         out += ["", f"## Spearman rank correlation with `{other}` (true responses)", "",
                 "| backend | ρ all | ρ open | ρ closed |", "|---|---:|---:|---:|"]
-        out += [f"| {b} | {_cell(rho)} | {_cell(report.spearman['rho_open'][b])} | "
-                f"{_cell(report.spearman['rho_closed'][b])} |" for b, rho in report.spearman["rho"].items()]
+        keys = ("rho", "rho_open", "rho_closed")
+        out += [f"| {b} | " + " | ".join(_rho_cell(report.spearman, key, b) for key in keys) + " |"
+                for b in report.spearman["rho"]]
     if report.violations:
         out += ["", "## Threshold violations", ""] + [f"- {violation_line(v)}" for v in report.violations]
     return "\n".join(out) + "\n"

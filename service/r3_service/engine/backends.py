@@ -100,13 +100,12 @@ class R3Backend:
             return [score(self.preset, item, s, self.params, s_other)
                     for item, (s, s_other) in zip(prepared, relevance, strict=True)]
         # The whole responses' relevance (what an untouched answer is paid by) in the same batches
-        # as the sentences the filler head reads; the paid text's only where something was cut.
+        # as the sentences the filler head reads; the paid text's only where the cut moves S.
         detections, relevance = await asyncio.gather(self.detect(prepared), self._relevance(prepared))
-        paid_texts = [d.paid_text() for d in detections]
-        cut = [i for i, (item, text) in enumerate(zip(prepared, paid_texts, strict=True))
-               if text != item.response]
+        cut = [i for i, d in enumerate(detections) if d.paid_tokens and d.moves_relevance(self.params.guards)]
         if cut:
-            paid = await self._relevance([replace(prepared[i], response=paid_texts[i]) for i in cut])
+            paid = await self._relevance([replace(prepared[i], response=detections[i].paid_text())
+                                          for i in cut])
             for i, pair in zip(cut, paid, strict=True):
                 relevance[i] = pair
         return [score(self.preset, item, s, self.params, s_other, d)

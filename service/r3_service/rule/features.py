@@ -68,5 +68,9 @@ class Features:
 
 
 def features(response: str) -> Features:
-    tokens = word_tokens(response)
+    return features_of(word_tokens(response))
+
+
+def features_of(tokens: list[str]) -> Features:
+    """The same, from the response's word tokens (split once elsewhere)."""
     return Features(length_incentive(tokens), repetition_penalty(tokens), len(tokens))

@@ -36,6 +36,8 @@ from r3_service.rule.features import word_tokens
 
 INPUT_MARKER = "### Input:"
 REASONS = ("echo", "input_echo", "restate", "repeat", "filler")
+# Cut text that borrows the query's words, and so its relevance: S is read again on what is paid.
+BORROWING = frozenset({"echo", "input_echo", "restate"})
 # A sentence ends at . ! or ? before whitespace, or at a line break.
 _SENTENCE_END = re.compile(r"[.!?](?=\s)|\n")
 _TOKEN = re.compile(r"\w+|[^\w\s]+")  # features.word_tokens, with positions
@@ -73,6 +75,9 @@ class GuardParams:
     filler_topic_cap: float = 0.3
     # R_guarded = R(paid text) − |R(paid text)| · penalty · unpaid share
     penalty: float = 0.5
+    # S is read again on the paid text where the cut borrowed the query's words (BORROWING) or is
+    # at least this share of the response; a smaller cut of padding or repeats barely moves S.
+    reread_share: float = 0.2
 
 
 @dataclass(frozen=True)
@@ -103,9 +108,11 @@ class Tokenised:
         return self.text[self.spans[indices[0]][0]:self.spans[indices[-1]][1]]
 
 
+@functools.lru_cache(maxsize=1024)
 def tokenise(text: str) -> Tokenised:
     """Sentences (cut after . ! ? before whitespace, and at line breaks) and word tokens; the
-    tokens are exactly `features.word_tokens(text)`."""
+    tokens are exactly `features.word_tokens(text)`. Cached (read only): the rule, the detectors
+    and the metrics of one response share one split."""
     sentences: list[tuple[int, int]] = []
     start = 0
     for end in _SENTENCE_END.finditer(text):
@@ -135,6 +142,12 @@ class Detection:
     def unpaid_share(self) -> float:
         n = len(self.unpaid)
         return sum(reason is not None for reason in self.unpaid) / n if n else 0.0
+
+    def moves_relevance(self, params: GuardParams) -> bool:
+        """Whether S must be read again on the paid text: what was cut borrowed the query's words
+        (`BORROWING`), or is `reread_share` of the response or more."""
+        return any(reason in BORROWING for reason in self.unpaid) or (
+            self.unpaid_share > 0 and self.unpaid_share >= params.reread_share)
 
     @property
     def paid_tokens(self) -> list[str]:

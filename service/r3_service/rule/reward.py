@@ -21,8 +21,8 @@ from dataclasses import dataclass, field, replace
 from typing import Literal, Protocol, TypeVar
 
 from r3_service.rule.copying import copy_overlap
-from r3_service.rule.features import Features, features, length_incentive, linear_map, lppo
-from r3_service.rule.guards import Detection, GuardParams, guarded_reward
+from r3_service.rule.features import Features, features_of, length_incentive, linear_map, lppo
+from r3_service.rule.guards import Detection, GuardParams, guarded_reward, tokenise
 from r3_service.rule.querytypes import QueryType
 
 RelevanceTarget = Literal["query", "reference"]
@@ -207,8 +207,9 @@ def score(preset: Preset, item: ResolvedItem, s: float | None, params: RuleParam
           s_other: float | None = None, detection: Detection | None = None) -> Scored:
     """One item's reward and parts; `item` has been through `preset.prepare`, `s` is its S and
     `s_other` the S of the other branch (`preset.other_pair`), needed only when it blends. A
-    guarded preset passes the response's `detection`, and S of its paid text."""
-    f = features(item.response)
+    guarded preset passes the response's `detection`, and S of its paid text where the cut moves S
+    (`Detection.moves_relevance`), else of the whole response."""
+    f = features_of(tokenise(item.response).tokens)
     if detection is not None:
         paid = detection.paid_tokens
         f = replace(f, length_incentive=length_incentive(paid), token_count=len(paid))
@@ -256,7 +257,7 @@ def query_type_confidence(item: ResolvedItem) -> float | None:
 def plain(item: ResolvedItem, reward: float, members: dict[str, float] | None = None) -> Scored:
     """A reward that is not R3's (a reward model's, an ensemble's), with R3's cheap parts
     alongside for logging."""
-    f = features(item.response)
+    f = features_of(tokenise(item.response).tokens)
     return Scored(reward=reward, length_incentive=f.length_incentive, repetition_penalty=f.repetition_penalty,
                   relevance=None, relevance_target=None, query_type=item.query_type,
                   query_type_source=item.query_type_source, reference_source=item.reference_source,
