@@ -1,11 +1,14 @@
 """Train the filler head (`models/filler_head.json`): generic padding sentences against the
 sentences of honest answers.
 
-Positives: `TRAINING_FILLER` below (generic statements, closers, openers). Negatives: every
+Positives: `TRAINING_FILLER` below (nine kinds of padding: generic statements, closers, openers,
+disclaimers, empathy, meta-talk, hedges, encouragement, empty transitions). Negatives: every
 sentence of the reference answers of the design fold (`design_rows`: the strict split's first
 fold, each leading word's queries in one fold). The validation fold and the audit's held-out
 filler sentences (`hacks.FILLER_STYLES`) are never seen here, so the audit measures the head on
-padding it was not fitted to.
+padding it was not fitted to. Two stages are fitted: the head over sentence embeddings, and its
+prefilter over word-piece vectors (`EmbeddingModel.word_vectors`); each one's threshold by
+leave-one-category-out.
 
     python -m r3_tools.filler [--data data/alpacafarm_val.json] [--out PATH]
 """
