@@ -93,15 +93,16 @@ class Tokenised:
     def sentence_texts(self) -> list[str]:
         return [self.text[a:b].strip() for a, b in self.sentences]
 
+    @functools.cached_property
     def members(self) -> list[list[int]]:
-        """The indices of each sentence's tokens."""
+        """The indices of each sentence's tokens (read by every detector: worked out once)."""
         out: list[list[int]] = [[] for _ in self.sentences]
         for index, sentence in enumerate(self.sentence_of):
             out[sentence].append(index)
         return out
 
     def sentence_tokens(self) -> list[list[str]]:
-        return [[self.tokens[i] for i in indices] for indices in self.members()]
+        return [[self.tokens[i] for i in indices] for indices in self.members]
 
     def piece(self, indices: Sequence[int]) -> str:
         """The text from the first of these tokens to the last."""
@@ -194,7 +195,7 @@ def filler_units(text: Tokenised) -> list[list[int] | None]:
     else its tail from its last capitalised word, where that may be (padding run on from a line
     with no full stop: "...in Fashion It should be noted that opinions may vary."); else None."""
     units: list[list[int] | None] = []
-    for indices in text.members():
+    for indices in text.members:
         tokens = [text.tokens[i] for i in indices]
         if may_be_filler(tokens):
             units.append(indices)
@@ -319,7 +320,7 @@ def _repeats(text: Tokenised, unpaid: list[str | None], n: int) -> None:
             _mark(unpaid, range(i, i + n), "repeat")
         seen.add(gram)
     said: set[tuple[str, ...]] = set()
-    for indices in text.members():
+    for indices in text.members:
         words = tuple(lowered[i] for i in indices)
         if len(words) >= 2 and words in said:
             _mark(unpaid, indices, "repeat")
@@ -333,7 +334,7 @@ def _sentences(text: Tokenised, view: QueryView, filler: Sequence[bool] | None,
     An answer's opening restatement ("Here are some tips to manage stress during exams:") stays
     paid: it is how honest answers start, and the reward of the answer after it is what a policy
     could gain by it."""
-    members = text.members()
+    members = text.members
     restating = [_restates(text, indices, view, params) for indices in members]
     if filler is not None:
         for sentence, unit in enumerate(filler_units(text)):
