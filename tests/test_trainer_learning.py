@@ -171,3 +171,82 @@ def test_cli_stops_with_a_clear_error_when_nothing_listens(tmp_path, capsys):
     assert "checkpoint of step 0" in capsys.readouterr().err
     assert cli_main(["--config", str(config), "--set", "learning_rte=1"]) == 2
     assert "did you mean learning_rate?" in capsys.readouterr().err
+
+
+TIMING = ("time/", "speed/", "reward/latency_s")
+
+
+def _without_timing(records: list[dict]) -> list[dict]:
+    return [{k: v for k, v in r.items() if not k.startswith(TIMING)} for r in records]
+
+
+@pytest.mark.parametrize("estimator", ["gae", "grpo"])
+def test_a_run_split_in_two_equals_one_run(tmp_path, server_url, estimator):
+    """--resume continues exactly: steps 1-4 in one go and steps 1-2 then 3-4 after a restart
+    log the same figures step by step (evaluations included) and end on the same weights."""
+    settings = ("steps=4", "save_every=2", "eval_every=2", "eval_at_start=true", "dev_size=4",
+                "eval_batch_size=2", f"advantage_estimator={estimator}", "group_size=2", "train_size=16",
+                "plot=false")
+    whole_cfg = tiny(tmp_path / "whole", server_url, *settings)
+    whole = PPOTrainer(whole_cfg)
+    try:
+        whole.train()
+        whole_weights = whole.adapter_state()
+    finally:
+        whole.close()
+
+    split_cfg = tiny(tmp_path / "split", server_url, *settings)
+    first = PPOTrainer(split_cfg.model_copy(update={"steps": 2}))
+    try:
+        first.train()
+    finally:
+        first.close()
+    second = PPOTrainer(split_cfg, resume=True)
+    try:
+        assert (second.step, second.position) == (2, 2 * split_cfg.prompts_per_step)
+        second.train()
+        split_weights = second.adapter_state()
+    finally:
+        second.close()
+
+    whole_log, split_log = read_log(whole_cfg.log_path), read_log(split_cfg.log_path)
+    assert [r["step"] for r in split_log] == [0, 1, 2, 3, 4]
+    assert _without_timing(split_log) == _without_timing(whole_log)
+    assert split_weights.keys() == whole_weights.keys()
+    assert all(torch.equal(split_weights[k], whole_weights[k]) for k in whole_weights)
+    assert whole_log[-1]["kl"] > 0  # the policy moved, so equal weights are not trivially equal
+    evals = sorted(p.name for p in (tmp_path / "split" / "run" / "eval").iterdir())
+    assert evals == ["step-000000.jsonl", "step-000002.jsonl", "step-000004.jsonl"]
+
+
+def test_the_report_evaluates_a_checkpoint_as_the_trainer_did(tmp_path, server_url):
+    """One evaluation path: the report's "after" answers for the final checkpoint are, prompt for
+    prompt, the trainer's own last evaluation (same seed, same batches, same scores); its "before"
+    is the untrained policy, the trainer's step-0 evaluation."""
+    from r3_trainer.report import main as report_main
+
+    settings = ("steps=2", "save_every=2", "eval_every=2", "eval_at_start=true", "dev_size=6",
+                "eval_batch_size=4", "eval_backends=[r3]", "plot=false")
+    cfg = tiny(tmp_path, server_url, *settings)
+    trainer = PPOTrainer(cfg)
+    try:
+        trainer.train()
+    finally:
+        trainer.close()
+    config = tmp_path / "c.yaml"
+    config.write_text(TINY.read_text())
+    overrides = [f"reward_url={server_url}", f"output_dir={tmp_path / 'run'}", f"data_path={DATA}", *settings]
+    out = tmp_path / "report"
+    assert report_main(["--config", str(config), "--checkpoint", str(latest_checkpoint(cfg.output_dir)),
+                        "--out", str(out), *(a for o in overrides for a in ("--set", o))]) == 0
+
+    def rows(path: Path) -> list[dict]:
+        return [json.loads(line) for line in path.read_text().splitlines()]
+
+    evals = Path(cfg.output_dir) / "eval"
+    assert rows(out / "eval-after.jsonl") == rows(evals / "step-000002.jsonl")
+    assert rows(out / "eval-before.jsonl") == rows(evals / "step-000000.jsonl")
+    assert [r["reward"].keys() for r in rows(out / "eval-after.jsonl")] == [{"li": 0, "r3": 0}.keys()] * 6
+    report = json.loads((out / "report.json").read_text())
+    expected = {"reward[li]", "reward[r3]", "words", "rouge_l_closed", "hack/repeat_share"}
+    assert set(report["paired"]) >= expected

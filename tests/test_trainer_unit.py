@@ -483,3 +483,71 @@ def test_hack_watch_warns_past_each_bound_and_on_length_growth():
     assert "2 x 25.0" in bad[-1]  # growth against the first two steps' mean length
     quiet = HackWatch(HackBounds(copy_share=None, length_growth=None))
     assert quiet.check({"hack/copy_share": 1.0, "response/words": 1e6}) == []
+
+
+def test_grpo_keeps_the_log_probs_generation_sampled_with():
+    """grpo takes the behaviour log-probs from generation itself (no second forward pass): they
+    equal the policy's forward log-probs of the same tokens, rows of every length included, and
+    the reference's are those with the adapters off."""
+    from accelerate import Accelerator
+
+    from r3_trainer.model import build_policy, load_tokenizer, response_logprobs
+    from r3_trainer.rollout import RolloutMaker
+
+    cfg = load_config(CONFIGS / "tiny-cpu.yaml", ["max_new_tokens=12", "advantage_estimator=grpo",
+                                                 "group_size=2", "temperature=0.8"])
+    tokenizer = load_tokenizer(cfg)
+    policy = build_policy(cfg, tokenizer)
+    with torch.no_grad():  # adapters away from zero, so the policy is not the reference
+        for name, weight in policy.lm.named_parameters():
+            if "lora_B" in name:
+                weight.normal_(0, 0.05, generator=torch.Generator().manual_seed(1))
+    maker = RolloutMaker(cfg, Accelerator(cpu=True), tokenizer, policy, None)
+    queries = ("hi", "a much longer question with more words here", "why")
+    records = [Record(q, None, None) for q in queries] * 2
+    torch.manual_seed(3)
+    sampled = maker.generate(records, keep_logprobs=True)
+    mask = sampled.response_mask
+    assert sampled.logprobs is not None and math.isfinite(sampled.entropy)
+    logprobs, ref_logprobs, values, entropy = maker._forward(sampled)
+    assert logprobs is sampled.logprobs and entropy == sampled.entropy and not values.any()
+    ids = torch.cat([sampled.prompt_ids, sampled.response_ids], 1)
+    full_mask = torch.cat([sampled.prompt_mask, mask.long()], 1)
+    with torch.no_grad():
+        forward = response_logprobs(policy.eval(), ids, full_mask, sampled.response_ids)[0] * mask
+        with policy.lm.disable_adapter():
+            reference = response_logprobs(policy, ids, full_mask, sampled.response_ids)[0] * mask
+    assert torch.allclose(sampled.logprobs, forward, atol=1e-4)
+    assert torch.allclose(ref_logprobs, reference, atol=1e-4)
+    assert not torch.allclose(forward, reference, atol=1e-3)
+
+
+def test_group_advantages_and_the_k3_kl():
+    rewards = torch.tensor([1.0, 3.0, 2.0, 2.0, 0.0, 0.5, 1.0, 4.0])
+    advantages = ppo.group_advantages(rewards, 2)
+    assert torch.allclose(advantages[:2], torch.tensor([-1.0, 1.0]) / 2 ** 0.5, atol=1e-5)
+    assert torch.equal(advantages[2:4], torch.zeros(2))  # a tied group teaches nothing
+    four = ppo.group_advantages(rewards, 4)
+    group = rewards[:4]
+    assert torch.allclose(four[:4], (group - group.mean()) / (group.std() + 1e-6), atol=1e-5)
+    logprobs = torch.tensor([-1.0, -2.0, -0.5])
+    assert torch.equal(ppo.kl_k3(logprobs, logprobs), torch.zeros(3))
+    ref = torch.tensor([-1.5, -1.0, -0.5])
+    d = ref - logprobs
+    assert torch.allclose(ppo.kl_k3(logprobs, ref), d.exp() - d - 1) and (ppo.kl_k3(logprobs, ref) >= 0).all()
+
+
+def test_groups_must_fit_the_batch():
+    with pytest.raises(ConfigError, match="group_size: must divide"):
+        load_config(CONFIGS / "tiny-cpu.yaml", ["group_size=3"])
+    with pytest.raises(ConfigError, match="grpo compares samples of one prompt"):
+        load_config(CONFIGS / "tiny-cpu.yaml", ["advantage_estimator=grpo"])
+
+
+def test_rouge_l_by_hand():
+    from r3_trainer.evaluation import rouge_l
+
+    # LCS of "the cat sat on the mat" and "the cat lay on a mat": the cat on mat = 4 words.
+    expected = 2 * (4 / 6) * (4 / 6) / (4 / 6 + 4 / 6)
+    assert rouge_l("The cat sat on the mat.", "the cat lay on a mat") == pytest.approx(expected)
+    assert rouge_l("Paris", "Paris") == 1.0 and rouge_l("", "Paris") == 0.0 and rouge_l("x y", "z") == 0.0

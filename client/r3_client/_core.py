@@ -71,11 +71,12 @@ class Components:
     members: dict[str, float] | None = None  # an ensemble's member rewards, each standardised
     query_type_confidence: float | None = None  # the classifier's probability of query_type
     open_branch_weight: float | None = None  # p(open) when the soft branch blended both branches
+    unpaid: dict[str, float] | None = None  # a guarded preset's unpaid share of words, by reason
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Components:
         """Build from the wire format; unknown keys are ignored so newer servers stay usable."""
-        relevance, members = data.get("relevance"), data.get("members")
+        relevance, members, unpaid = data.get("relevance"), data.get("members"), data.get("unpaid")
         return cls(
             length_incentive=float(data["length_incentive"]),
             repetition_penalty=float(data["repetition_penalty"]),
@@ -87,6 +88,7 @@ class Components:
             members=None if members is None else {str(k): float(v) for k, v in members.items()},
             query_type_confidence=_optional_float(data.get("query_type_confidence")),
             open_branch_weight=_optional_float(data.get("open_branch_weight")),
+            unpaid=None if unpaid is None else {str(k): float(v) for k, v in unpaid.items()},
         )
 
 

@@ -111,6 +111,11 @@ class TrainConfig(_Section):
     top_k: int = Field(0, ge=0)
     top_p: Float = Field(1.0, gt=0, le=1)
     # -- PPO
+    # "gae": the paper's PPO (value head, KL-penalised token rewards, GAE). "grpo": critic-free,
+    # each prompt sampled `group_size` times, a response's advantage is its reward standardised
+    # within its group, KL to the reference as a loss term (k3 estimator, coefficient init_kl_coef).
+    advantage_estimator: Literal["gae", "grpo"] = "gae"
+    group_size: Positive = 1  # samples per prompt in a step (grpo needs >= 2)
     steps: Positive = 5000
     batch_size: Positive = 4  # sequences per forward/backward, per process
     gradient_accumulation_steps: Positive = 4  # a step's rollout batch is batch_size x this, per process
@@ -139,6 +144,9 @@ class TrainConfig(_Section):
     output_dir: str = "runs/r3-ppo"
     log_file: str | None = None  # default: <output_dir>/log.jsonl
     eval_every: Positive = 1000
+    eval_batch_size: Positive = 16  # dev prompts answered at once (the trainer's and the report's)
+    eval_at_start: bool = False  # evaluate the untrained policy too (step 0 of the curves)
+    eval_backends: list[str] = Field(default_factory=list)  # more presets to score held-out answers with
     save_every: Positive = 1000
     keep_checkpoints: Positive = 2
     plot: bool = True
@@ -157,6 +165,16 @@ class TrainConfig(_Section):
         return self
 
     @model_validator(mode="after")
+    def _groups_fit(self) -> TrainConfig:
+        if self.rollout_batch_size % self.group_size:
+            raise ValueError(f"group_size: must divide batch_size x gradient_accumulation_steps "
+                             f"({self.rollout_batch_size}), got {self.group_size}")
+        if self.advantage_estimator == "grpo" and self.group_size < 2:
+            raise ValueError("group_size: advantage_estimator grpo compares samples of one prompt, "
+                             "so it needs group_size >= 2")
+        return self
+
+    @model_validator(mode="after")
     def _norm_needs_scaling(self) -> TrainConfig:
         if self.use_score_norm and not self.use_score_scaling:
             raise ValueError("use_score_norm: only applies with use_score_scaling: true")
@@ -166,6 +184,11 @@ class TrainConfig(_Section):
     def rollout_batch_size(self) -> int:
         """Rollouts per process per PPO step; each epoch is one optimizer step over them."""
         return self.batch_size * self.gradient_accumulation_steps
+
+    @property
+    def prompts_per_step(self) -> int:
+        """Distinct prompts per process per step (each sampled group_size times)."""
+        return self.rollout_batch_size // self.group_size
 
     @property
     def log_path(self) -> Path:

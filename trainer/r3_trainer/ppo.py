@@ -158,3 +158,18 @@ def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
     """Per-position entropy of softmax(logits), in nats."""
     probs = torch.softmax(logits, dim=-1)
     return torch.logsumexp(logits, dim=-1) - (probs * logits).sum(dim=-1)
+
+
+def group_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-6) -> torch.Tensor:
+    """GRPO (Shao et al., 2024): each reward minus its group's mean, over the group's standard
+    deviation; rows are grouped consecutively. A group whose samples tie gets advantage 0."""
+    groups = rewards.double().view(-1, group_size)
+    centred = groups - groups.mean(dim=1, keepdim=True)
+    return (centred / (groups.std(dim=1, keepdim=True) + eps)).view(-1).float()
+
+
+def kl_k3(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
+    """Per-token KL(policy || reference) estimate exp(d) - d - 1 with d = ref - policy (Schulman's
+    k3): unbiased on samples from the policy, never negative, and differentiable for the loss."""
+    delta = ref_logprobs - logprobs
+    return torch.exp(delta) - delta - 1.0

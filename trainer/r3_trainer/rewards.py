@@ -85,15 +85,16 @@ class RewardScorer:
 
         self._client = asyncio.run_coroutine_threadsafe(make(), self._loop).result()
 
-    def submit(self, items: Sequence[RewardItem]) -> PendingRewards:
-        """Start scoring `items` (with components) and return at once."""
-        coroutine = self._score(list(items), time.monotonic())
+    def submit(self, items: Sequence[RewardItem], backend: str | None = None) -> PendingRewards:
+        """Start scoring `items` (with components) and return at once; `backend`: another preset
+        than the trained-on one (held-out evaluation scores with several)."""
+        coroutine = self._score(list(items), backend or self.backend, time.monotonic())
         return PendingRewards(asyncio.run_coroutine_threadsafe(coroutine, self._loop))
 
     def score(self, items: Sequence[RewardItem]) -> ScoredRewards:
         return self.submit(items).result()
 
-    async def _score(self, items: list[RewardItem], started: float) -> ScoredRewards:
+    async def _score(self, items: list[RewardItem], backend: str | None, started: float) -> ScoredRewards:
         deadline = started + self.deadline_s
         last_error = "no attempt finished"
         while True:
@@ -102,7 +103,7 @@ class RewardScorer:
                 raise RewardServiceError(self.url, last_error, time.monotonic() - started, self.deadline_s)
             try:
                 batch = await asyncio.wait_for(
-                    self._client.score(items, backend=self.backend, return_components=True), remaining
+                    self._client.score(items, backend=backend, return_components=True), remaining
                 )
                 return ScoredRewards(batch, time.monotonic() - started)
             except R3HTTPError as exc:

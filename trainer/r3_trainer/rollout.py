@@ -7,6 +7,7 @@ when asked (`overlap_generation`): it samples batch t+1 before batch t is traine
 
 from __future__ import annotations
 
+import copy
 import os
 import time
 from collections.abc import Callable
@@ -50,6 +51,55 @@ class Rollout:
         return int(self.response_mask.sum().item())
 
 
+@dataclass
+class Sampled:
+    """What generation returns: prompts left-padded, responses right-padded with the pad token."""
+
+    prompt_ids: torch.Tensor
+    prompt_mask: torch.Tensor
+    response_ids: torch.Tensor
+    response_mask: torch.Tensor  # float, 1 on generated tokens (eos included)
+    logprobs: torch.Tensor | None = None  # those the tokens were sampled with, when kept
+    entropy: float = float("nan")
+
+    def as_batch(self) -> Batch:
+        return Batch(self.prompt_ids, self.prompt_mask, self.response_ids, self.response_mask,
+                     torch.zeros_like(self.response_mask))
+
+
+@dataclass
+class Batch:
+    """The tensors `minibatch` cuts rows from (a Rollout has them too)."""
+
+    prompt_ids: torch.Tensor
+    prompt_mask: torch.Tensor
+    response_ids: torch.Tensor
+    response_mask: torch.Tensor
+    logprobs: torch.Tensor
+
+
+def length_sorted_chunks(response_mask: torch.Tensor, size: int) -> list[torch.Tensor]:
+    """Row indices in chunks of `size`, longest responses first: a chunk is padded only to its own
+    longest row, so the forward pass computes far less padding than over rows in sampling order."""
+    order = torch.argsort(response_mask.sum(1), descending=True, stable=True)
+    return [order[start:start + size] for start in range(0, len(order), size)]
+
+
+def minibatch(rollout: Batch | Rollout, idx: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Rows `idx`, with columns that are padding in every row cut off (less compute)."""
+    prompt_mask = rollout.prompt_mask[idx]
+    response_mask = rollout.response_mask[idx]
+    p0 = int((prompt_mask.sum(0) > 0).nonzero()[0])
+    r1 = max(int(response_mask.sum(1).max()), 1)
+    return {
+        "ids": torch.cat([rollout.prompt_ids[idx, p0:], rollout.response_ids[idx, :r1]], dim=1),
+        "mask": torch.cat([prompt_mask[:, p0:], response_mask[:, :r1].long()], dim=1),
+        "response_ids": rollout.response_ids[idx, :r1],
+        "response_mask": response_mask[:, :r1],
+        "old_logprobs": rollout.logprobs[idx, :r1],
+    }
+
+
 def reward_scorer(cfg: TrainConfig) -> RewardScorer:
     return RewardScorer(
         cfg.reward_url, backend=cfg.reward_backend, deadline_s=cfg.reward_deadline_s,
@@ -79,24 +129,32 @@ class RolloutMaker:
         # Multi-token stop strings end a rollout too (single-token ones are already eos ids).
         vocab = tokenizer.get_vocab()
         self.generation_config.stop_strings = [s for s in stops if vocab.get(s) not in eos_ids] or None
+        self.generation_config.return_dict_in_generate = True
+        self._keeping_logits = copy.deepcopy(self.generation_config)
+        self._keeping_logits.output_logits = True
 
     @property
     def policy(self) -> PolicyWithValueHead:
         return self.accelerator.unwrap_model(self.model)
 
     def make(self, records: list[Record], position: int, policy_step: int) -> Rollout:
-        """Sample `records`' responses, send them to be scored, then compute what PPO needs."""
+        """Sample `records`' responses, send them to be scored, then compute what PPO needs.
+
+        With grpo the behaviour log-probs are those generation sampled from (no second forward
+        pass: there is no value head to evaluate); with gae a forward pass gives them and the values.
+        """
         t0 = time.perf_counter()
-        prompt_ids, prompt_mask, response_ids, response_mask = self.generate(records)
+        grpo = self.cfg.advantage_estimator == "grpo"
+        sampled = self.generate(records, keep_logprobs=grpo)
         t1 = time.perf_counter()
-        texts = self.decode(response_ids, response_mask)
+        texts = self.decode(sampled.response_ids, sampled.response_mask)
         pending = self.scorer.submit(reward_items(records, texts))
-        logprobs, ref_logprobs, values, entropy = self._forward(prompt_ids, prompt_mask, response_ids,
-                                                                response_mask)
-        lengths = response_mask.sum(1)
+        logprobs, ref_logprobs, values, entropy = self._forward(sampled)
+        lengths = sampled.response_mask.sum(1)
         return Rollout(
-            records=records, position=position, prompt_ids=prompt_ids, prompt_mask=prompt_mask,
-            response_ids=response_ids, response_mask=response_mask, texts=texts, logprobs=logprobs,
+            records=records, position=position, prompt_ids=sampled.prompt_ids,
+            prompt_mask=sampled.prompt_mask, response_ids=sampled.response_ids,
+            response_mask=sampled.response_mask, texts=texts, logprobs=logprobs,
             ref_logprobs=ref_logprobs, values=values, entropy=entropy,
             ended=(lengths < self.cfg.max_new_tokens).float().mean().item(), policy_step=policy_step,
             generation_s=t1 - t0, forward_s=time.perf_counter() - t1, rewards=pending,
@@ -120,20 +178,38 @@ class RolloutMaker:
         return ids.to(self.accelerator.device), mask.to(self.accelerator.device)
 
     @torch.no_grad()
-    def generate(self, records: list[Record]) -> tuple[torch.Tensor, ...]:
-        """(prompt ids, prompt mask, response ids, response mask) of one sample per record."""
+    def generate(self, records: list[Record], keep_logprobs: bool = False) -> Sampled:
+        """One sample per record; `keep_logprobs`: with the log-probs and entropy it was drawn with."""
         policy = self.policy
         policy.eval()
         prompt_ids, prompt_mask = self.encode_prompts(records)
         with self.accelerator.autocast():
             out = policy.lm.generate(
-                input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=self.generation_config,
-                tokenizer=self.tokenizer,
+                input_ids=prompt_ids, attention_mask=prompt_mask, tokenizer=self.tokenizer,
+                generation_config=self._keeping_logits if keep_logprobs else self.generation_config,
             )
-        response_ids = out[:, prompt_ids.shape[1]:]
+        response_ids = out.sequences[:, prompt_ids.shape[1]:]
         # The pad token is suppressed while sampling, so it marks exactly the tokens after the end.
         response_mask = (response_ids != self.tokenizer.pad_token_id).float()
-        return prompt_ids, prompt_mask, response_ids, response_mask
+        sampled = Sampled(prompt_ids, prompt_mask, response_ids, response_mask)
+        if keep_logprobs:
+            sampled.logprobs, sampled.entropy = self._sampling_logprobs(out.logits, response_ids,
+                                                                        response_mask)
+        return sampled
+
+    def _sampling_logprobs(self, step_logits: tuple[torch.Tensor, ...], response_ids: torch.Tensor,
+                           response_mask: torch.Tensor) -> tuple[torch.Tensor, float]:
+        """Log-probs of the sampled tokens under the distribution they were drawn from (the raw
+        logits over the temperature, pad excluded: what `PolicyWithValueHead` computes), and the
+        mean entropy; one generation step at a time, so the vocabulary-wide tensors stay small."""
+        logprobs, entropies = [], []
+        for t, logits in enumerate(step_logits):
+            logits = logits.float() / self.cfg.temperature
+            logits[:, self.tokenizer.pad_token_id] = torch.finfo(logits.dtype).min
+            logprobs.append(torch.log_softmax(logits, -1).gather(-1, response_ids[:, t, None]).squeeze(-1))
+            entropies.append(ppo.entropy_from_logits(logits))
+        entropy = ppo.masked_mean(torch.stack(entropies, 1), response_mask).item()
+        return torch.stack(logprobs, 1) * response_mask, entropy
 
     def decode(self, response_ids: torch.Tensor, response_mask: torch.Tensor) -> list[str]:
         rows = [ids[: int(n)].tolist() for ids, n in zip(response_ids, response_mask.sum(1), strict=True)]
@@ -141,27 +217,31 @@ class RolloutMaker:
         return [clean_rollout(text, self.format.stops) for text in raw]
 
     @torch.no_grad()
-    def _forward(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, response_ids: torch.Tensor,
-                 response_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
-        """Behaviour log-probs, reference log-probs (adapters off), values and mean entropy."""
+    def _forward(self, sampled: Sampled) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
+        """Behaviour log-probs, reference log-probs (adapters off), values and mean entropy; rows
+        go through in micro-batches of similar length (less padding), the results in row order."""
         policy = self.policy
         policy.eval()
-        ids = torch.cat([prompt_ids, response_ids], dim=1)
-        mask = torch.cat([prompt_mask, response_mask.long()], dim=1)
-        logprobs, ref_logprobs, values, entropies = [], [], [], []
-        for start in range(0, ids.shape[0], self.cfg.batch_size):
-            chunk = slice(start, start + self.cfg.batch_size)
-            batch = (ids[chunk], mask[chunk], response_ids[chunk])
+        rollout_like = sampled.as_batch()
+        shape = sampled.response_ids.shape
+        logprobs, ref_logprobs, values = (torch.zeros(shape, device=sampled.response_ids.device)
+                                          for _ in range(3))
+        entropy_sum = torch.zeros((), dtype=torch.float64)
+        for idx in length_sorted_chunks(sampled.response_mask, self.cfg.batch_size):
+            mb = minibatch(rollout_like, idx)
+            batch, width = (mb["ids"], mb["mask"], mb["response_ids"]), mb["response_ids"].shape[1]
             with self.accelerator.autocast():
-                lp, v, logits = response_logprobs(policy, *batch)
-                entropies.append(ppo.entropy_from_logits(logits))
+                if sampled.logprobs is None:
+                    lp, v, logits = response_logprobs(policy, *batch)
+                    logprobs[idx, :width], values[idx, :width] = lp, v
+                    entropy_sum += (ppo.entropy_from_logits(logits) * mb["response_mask"]).sum().double()
                 with policy.lm.disable_adapter():
-                    ref_lp, _, _ = response_logprobs(policy, *batch)
-            logprobs.append(lp)
-            values.append(v)
-            ref_logprobs.append(ref_lp)
-        entropy = ppo.masked_mean(torch.cat(entropies), response_mask).item()
-        return torch.cat(logprobs), torch.cat(ref_logprobs), torch.cat(values), entropy
+                    ref_logprobs[idx, :width] = response_logprobs(policy, *batch)[0]
+        mask = sampled.response_mask
+        if sampled.logprobs is not None:
+            return sampled.logprobs, ref_logprobs * mask, values, sampled.entropy
+        entropy = (entropy_sum / mask.sum()).item()
+        return logprobs * mask, ref_logprobs * mask, values * mask, entropy
 
     def await_rewards(self, pending: PendingRewards) -> ScoredRewards:
         """Every process gets its rewards or all stop: one failing rank must not hang the others."""

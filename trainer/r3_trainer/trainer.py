@@ -17,6 +17,7 @@ training stopped. Rollouts already generated but not trained on are regenerated 
 
 from __future__ import annotations
 
+import json
 import random
 import time
 from pathlib import Path
@@ -24,16 +25,17 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import gather_object
 from peft import get_peft_model_state_dict
 from tqdm.auto import tqdm
 
-from r3_trainer import checkpoint
+from r3_trainer import checkpoint, evaluation
 from r3_trainer.checkpoint import latest_checkpoint
 from r3_trainer.config import TrainConfig
 from r3_trainer.data import PromptOrder, load_records, split_dev
 from r3_trainer.model import PolicyWithValueHead, build_policy, load_tokenizer
 from r3_trainer.rewards import RewardServiceError, ScoredRewards
-from r3_trainer.rollout import Rollout, RolloutMaker, RolloutPipeline, reward_items, reward_scorer
+from r3_trainer.rollout import Rollout, RolloutMaker, RolloutPipeline, reward_scorer
 from r3_trainer.stats import HackWatch, StepLog, finite, reward_stats, rollout_stats, text_signals
 from r3_trainer.update import PPOUpdate
 
@@ -85,8 +87,9 @@ class PPOTrainer:
         return self.accelerator.unwrap_model(self.model)
 
     @property
-    def global_batch(self) -> int:
-        return self.cfg.rollout_batch_size * self.accelerator.num_processes
+    def global_prompts(self) -> int:
+        """Prompts a step takes from the order, all processes together."""
+        return self.cfg.prompts_per_step * self.accelerator.num_processes
 
     # ------------------------------------------------------------------ the loop
 
@@ -97,7 +100,9 @@ class PPOTrainer:
         self.output_dir.mkdir(parents=True, exist_ok=True)
         self.log.start(self.step)
         history: list[dict[str, Any]] = []
-        rollouts = RolloutPipeline(self.make_rollout, self.position, self.global_batch,
+        if self.step == 0 and cfg.eval_at_start:
+            self.log.write(finite({"step": 0, "samples": 0, **self._evaluate_and_keep_best()}))
+        rollouts = RolloutPipeline(self.make_rollout, self.position, self.global_prompts,
                                    cfg.overlap_generation)
         bar = tqdm(total=cfg.steps, initial=self.step, desc="r3 ppo", dynamic_ncols=True,
                    disable=not (cfg.progress_bar and self.accelerator.is_main_process))
@@ -131,7 +136,7 @@ class PPOTrainer:
         stats = self.update(current, scored)
         t3 = time.perf_counter()
         self.step += 1
-        self.position = current.position + self.global_batch
+        self.position = current.position + self.global_prompts
         record = self._step_record(current, scored, generated, stats)
         record.update({"time/rollout": t1 - t0, "time/reward_wait": t2 - t1, "time/update": t3 - t2,
                        "lr": self.optimizer.param_groups[0]["lr"]})
@@ -156,10 +161,13 @@ class PPOTrainer:
     # ------------------------------------------------------------------ rollouts and updates
 
     def make_rollout(self, position: int) -> Rollout:
-        """Sample this process's share of the batch at `position` and send it to be scored."""
-        n, rank = self.cfg.rollout_batch_size, self.accelerator.process_index
-        mine = self.order.indices(position, self.global_batch)[rank * n:(rank + 1) * n]
-        return self.maker.make([self.train_records[i] for i in mine], position, self.step)
+        """Sample this process's share of the prompts at `position` (each `group_size` times) and
+        send the samples to be scored."""
+        n, rank = self.cfg.prompts_per_step, self.accelerator.process_index
+        mine = self.order.indices(position, self.global_prompts)[rank * n:(rank + 1) * n]
+        # A prompt's group_size samples sit next to each other: group_advantages relies on it.
+        records = [self.train_records[i] for i in mine for _ in range(self.cfg.group_size)]
+        return self.maker.make(records, position, self.step)
 
     def update(self, rollout: Rollout, scored: ScoredRewards) -> dict[str, float]:
         """KL-penalised rewards -> GAE -> `ppo_epochs` passes of clipped PPO; returns the stats."""
@@ -167,7 +175,7 @@ class PPOTrainer:
 
     def _step_record(self, rollout: Rollout, scored: ScoredRewards, generated: list[Rollout],
                      stats: dict[str, float]) -> dict[str, Any]:
-        record: dict[str, Any] = {"step": self.step, "samples": self.position}
+        record: dict[str, Any] = {"step": self.step, "samples": self.position * self.cfg.group_size}
         record.update(reward_stats(self.accelerator, [scored], rollout.n_tokens, ""))
         record.update(stats)
         record.update(rollout_stats(rollout, generated, scored, self.step))
@@ -183,22 +191,27 @@ class PPOTrainer:
 
     # ------------------------------------------------------------------ evaluation
 
+    @property
+    def eval_backends(self) -> list[str]:
+        return list(dict.fromkeys([self.cfg.reward_backend or "r3", *self.cfg.eval_backends]))
+
     def evaluate(self) -> dict[str, float]:
-        """Mean raw reward of sampled responses on the dev set (fixed seed, training RNG untouched)."""
-        acc, size = self.accelerator, self.cfg.rollout_batch_size
+        """The dev set answered with a fixed seed (training RNG untouched) and scored under every
+        eval backend (`evaluation`); the per-prompt rows go to <output_dir>/eval/step-NNNNNN.jsonl."""
+        acc = self.accelerator
         mine = self.dev[acc.process_index::acc.num_processes]
-        items, tokens = [], 0
-        with torch.random.fork_rng(devices=[acc.device] if acc.device.type == "cuda" else []):
-            torch.manual_seed(self.cfg.seed + 10_000 + acc.process_index)
-            for records in (mine[start:start + size] for start in range(0, len(mine), size)):
-                _, _, response_ids, response_mask = self.maker.generate(records)
-                items += reward_items(records, self.maker.decode(response_ids, response_mask))
-                tokens += int(response_mask.sum().item())
-        # One request per process (the client chunks it), awaited together with the other processes.
-        scored = [self.maker.await_rewards(self.scorer.submit(items))]
-        return {**reward_stats(acc, scored, tokens, "eval/"),
-                **text_signals(acc, [i.query for i in items], [i.response for i in items],
-                               self.cfg.copy_threshold, "eval/")}
+        seed = self.cfg.seed + evaluation.SEED_OFFSET + acc.process_index
+        table = evaluation.evaluate(self.maker, self.scorer, mine, seed, self.eval_backends)
+        table = [row for part in gather_object([table]) for row in part]
+        if acc.is_main_process:
+            path = self.output_dir / "eval" / f"step-{self.step:06d}.jsonl"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text("".join(json.dumps(row) + "\n" for row in table))
+        stats = evaluation.flat(evaluation.summary(table))
+        main = self.eval_backends[0]  # the trained-on backend's figures under their usual names
+        for key, suffix in (("mean", ""), ("open_mean", "/open"), ("closed_mean", "/closed")):
+            stats[f"eval/reward/{key}"] = stats[f"eval/reward[{main}]{suffix}"]
+        return stats
 
     def _evaluate_and_keep_best(self) -> dict[str, float]:
         """The paper's rule: evaluate every `eval_every` steps, keep the best dev mean reward."""
