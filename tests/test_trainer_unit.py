@@ -551,3 +551,39 @@ def test_rouge_l_by_hand():
     expected = 2 * (4 / 6) * (4 / 6) / (4 / 6 + 4 / 6)
     assert rouge_l("The cat sat on the mat.", "the cat lay on a mat") == pytest.approx(expected)
     assert rouge_l("Paris", "Paris") == 1.0 and rouge_l("", "Paris") == 0.0 and rouge_l("x y", "z") == 0.0
+
+
+def test_compare_pairs_each_run_with_its_own_start(tmp_path):
+    """compare: the change is latest - start over the same prompts, with the paired standard
+    error; open/closed splits and hack shares come from the rows."""
+    from r3_trainer import compare
+
+    def row(query_type: str, reward: float, words: int, rouge: float | None, repeat: bool) -> dict:
+        hacks = dict.fromkeys(("copy", "echo", "input_echo", "restate", "repeat", "filler"), False)
+        return {"query": f"q{words}", "query_type": query_type, "text": "w " * words, "words": words,
+                "truncated": False, "reward": {"r3": reward, "li": words / 100}, "rouge_l": rouge,
+                "hacks": {**hacks, "repeat": repeat}, "filler_scored": False}
+
+    run = tmp_path / "r3"
+    (run / "eval").mkdir(parents=True)
+    start = [row("open", 0.1, 10, None, False), row("closed", 0.2, 20, 0.5, False),
+             row("open", 0.3, 30, None, False)]
+    latest = [row("open", 0.2, 12, None, True), row("closed", 0.4, 20, 0.25, False),
+              row("open", 0.3, 40, None, True)]
+    for step, table in ((0, start), (50, latest)):
+        (run / "eval" / f"step-{step:06d}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in table))
+    assert compare.main([str(run), "--out", str(tmp_path / "out"), "--show", "2"]) == 0
+    (summary,) = json.loads((tmp_path / "out" / "compare.json").read_text())
+    assert summary["steps"] == [0, 50] and summary["backend"] == "r3"
+    diffs = [0.1, 0.2, 0.0]
+    mean = sum(diffs) / 3
+    se = math.sqrt(sum((d - mean) ** 2 for d in diffs) / 2 / 3)
+    assert summary["paired"]["reward[r3]"]["mean"] == pytest.approx(mean)
+    assert summary["paired"]["reward[r3]"]["se"] == pytest.approx(se)
+    assert summary["paired"]["reward[r3]/open"]["n"] == 2
+    assert summary["paired"]["rouge_l_closed"] == {"mean": pytest.approx(-0.25), "se": 0.0, "n": 1}
+    assert summary["latest"]["hack/repeat_share"]["mean"] == pytest.approx(2 / 3)
+    assert summary["paired"]["hack/filler_share"]["n"] == 0  # no guarded backend scored these
+    markdown = (tmp_path / "out" / "compare.md").read_text()
+    assert "| reward[r3] | 0.200 ± 0.058 | 0.300 ± 0.058 | +0.100 ± 0.058 | +1.7 |" in markdown
+    assert (tmp_path / "out" / "curves.png").stat().st_size > 10_000
