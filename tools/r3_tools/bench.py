@@ -35,6 +35,7 @@ from r3_service.engine.resolve import RawItem
 from r3_service.models.base import resolve_model_path
 from r3_service.models.embedding import EmbeddingModel
 from r3_service.settings import DEFAULT_MODEL, Settings
+from r3_tools import fidelity
 from r3_tools.loadgen import (
     DATA,
     Pair,
@@ -273,11 +274,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--backend", action="append",
                         help="also measure the engine in process with this backend (repeatable), e.g. "
                              "r3-guarded: its throughput beside the default backend's")
+    parser.add_argument("--fidelity", metavar="DTYPE[,DTYPE]",
+                        help="instead of speed: what each dtype does to the rewards of GRPO groups "
+                             "against fp32 (order, best answer, advantages); writes OUT.json and OUT.md")
+    parser.add_argument("--groups", type=int, default=40, help="with --fidelity: groups of 8 of each kind")
     parser.add_argument("--out", type=Path, default=Path("bench/results/latest"),
                         help="writes OUT.json and OUT.png")
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     torch.set_num_threads(os.cpu_count() or 1)
+    if args.fidelity:
+        settings = Settings(model=args.model, device=args.device, embedding_cache_size=0,
+                            max_queue_tokens=10**9)
+        fidelity.run(settings, args.fidelity.split(","), args.data, args.groups,
+                     (args.backend or [None])[0], args.out)
+        return 0
 
     with tempfile.TemporaryDirectory() as scratch:
         model_name = random_bert_base(Path(scratch)) if args.random_bert_base else args.model
