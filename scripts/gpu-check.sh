@@ -5,7 +5,8 @@
 #                bash scripts/gpu-check.sh
 # It runs the batching and backend tests on the GPU, r3-bench with Contriever's architecture (bert-base,
 # random weights) and the admission bursts of README "Admission" against r3-serve on the GPU, writing
-# JSON/PNG/MD under $OUT. Prepared without a device: not yet run.
+# JSON/PNG/MD under $OUT, and measures bf16/fp16 reward fidelity against fp32 on the GPU.
+# Prepared without a device: not yet run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -35,6 +36,9 @@ python3 -m pytest -q -p no:cacheprovider tests/test_batching.py -k "not http and
 python3 -m pytest -q -p no:cacheprovider tests/test_backends.py 2>&1 | tail -3 | tee -a "$OUT/gpu.txt"
 python3 -m r3_tools.bench --random-bert-base --device cuda --pairs 4096 --duration 10 \
     --concurrency 1,16,64 --items 1,8,64 --port 8765 --out "$OUT/gpu-bert-base" 2>&1 | tail -40
+# What bf16 and fp16 (auto's choices on a GPU) do to GRPO groups' rewards against fp32 (issue 26).
+python3 -m r3_tools.bench --device cuda --fidelity bfloat16,float16 --out "$OUT/gpu-fidelity" 2>&1 | tail -2
+cat "$OUT/gpu-fidelity.md" >> "$OUT/gpu.txt"
 # r3-guarded's cost on the GPU (issue 24: >= 0.7 x r3's in-process throughput), packaged MiniLM.
 python3 -m r3_tools.bench --device cuda --pairs 4096 --skip-http --backend r3-guarded \
     --out "$OUT/gpu-guarded" 2>&1 | grep "in-process" | tee -a "$OUT/gpu.txt"
