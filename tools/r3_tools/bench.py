@@ -35,7 +35,7 @@ from r3_service.engine.resolve import RawItem
 from r3_service.models.base import resolve_model_path
 from r3_service.models.embedding import EmbeddingModel
 from r3_service.settings import DEFAULT_MODEL, Settings
-from r3_tools import fidelity
+from r3_tools import fidelity, peers
 from r3_tools.loadgen import (
     DATA,
     Pair,
@@ -151,6 +151,47 @@ def http_load(url: str, pairs: list[Pair], items: int, concurrency: int,
     return int(run.items_ok / run.elapsed), run.latencies, run.errors
 
 
+PEER_WORKLOADS = ((64, 1, False), (16, 8, True))  # (clients, pairs per request, GRPO groups)
+PEER_ROUNDS = 2
+
+
+def tagged(pairs: list[Pair], tag: str) -> list[Pair]:
+    """The pairs with `tag` in every text, so that no cache on either side remembers a round."""
+    return [Pair(f"{p.query} [{tag}]", f"{p.response} [{tag}]", p.reference and f"{p.reference} [{tag}]",
+                 p.query_type) for p in pairs]
+
+
+def peer_rounds(url: str, peer: str, settings: Settings, data: Path, duration: float, port: int,
+                log: Path) -> list[Result]:
+    """r3-serve and the peer on the same workloads, alternated round by round with fresh texts;
+    the median of the rounds for each, and the peer's rate as a share of r3-serve's."""
+    model_path = resolve_model_path(settings.model)
+    server = peers.start_infinity(model_path, port, log)
+    rule = peers.ClientSideR3(settings)
+    peer_url = f"http://127.0.0.1:{port}"
+    results = []
+    try:
+        for clients, items, grouped in PEER_WORKLOADS:
+            pool = make_pairs(data, 2 * clients * items * 8, grouped)
+            peers.peer_load(peer_url, tagged(pool, "warm-up"), items, clients, 1.0, rule)
+            r3_rates, peer_rates = [], []
+            for round_ in range(PEER_ROUNDS):
+                fresh = tagged(pool, f"r3 round {round_}")
+                r3_rates.append(http_load(url, fresh, items, clients, duration)[0])
+                peer_rates.append(peers.peer_load(peer_url, tagged(pool, f"peer round {round_}"), items,
+                                                  clients, duration, rule))
+            r3_rate, peer_rate = statistics.median(r3_rates), statistics.median(peer_rates)
+            results.append(Result(f"peer:{peer}", grouped, peer_rate, clients, items,
+                                  x_default=peer_rate / r3_rate if r3_rate else None))
+            print(f"peer {peer}, {clients} clients x {items} pairs (groups={grouped}): {peer_rate:.1f} "
+                  f"pairs/s against r3-serve's {r3_rate:.1f} (median of {PEER_ROUNDS} alternated rounds)",
+                  flush=True)
+    finally:
+        server.terminate()
+        server.wait(30)
+    return results
+
+
 def random_bert_base(directory: Path) -> str:
     """facebook/contriever's architecture (bert-base, 768-d) with random weights: speed only."""
     from transformers import AutoTokenizer, BertConfig, BertModel
@@ -201,7 +242,7 @@ def table(results: list[Result], reference: dict[bool, float], st: dict[bool, fl
 def markdown(results: list[Result], reference: dict[bool, float], st: dict[bool, float]) -> str:
     """The same table as Markdown, for the README."""
     rows = ["| method | GRPO groups | clients | items/request | pairs/s | × reference | × ST "
-            "| × default backend | p50 ms | p99 ms | mean batch |",
+            "| × default backend (a peer: × r3-serve) | p50 ms | p99 ms | mean batch |",
             "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|"]
     for r in results:
         lat = r.latency_ms
@@ -274,6 +315,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--backend", action="append",
                         help="also measure the engine in process with this backend (repeatable), e.g. "
                              "r3-guarded: its throughput beside the default backend's")
+    parser.add_argument("--peer", choices=["infinity"],
+                        help=f"also measure infinity-emb {peers.INFINITY_VERSION} serving the same model (R3 "
+                             "computed client-side) on two HTTP workloads, alternated with r3-serve")
     parser.add_argument("--fidelity", metavar="DTYPE[,DTYPE]",
                         help="instead of speed: what each dtype does to the rewards of GRPO groups "
                              "against fp32 (order, best answer, advantages); writes OUT.json and OUT.md")
@@ -353,6 +397,9 @@ def main(argv: list[str] | None = None) -> int:
                                 peak64 = max(peak64, rate)
                             print(f"http groups={grouped} items={items} conc={concurrency}: {rate} pairs/s "
                                   f"p99 {result.latency_ms.get('p99', 0):.0f} ms", flush=True)
+                if args.peer:
+                    results += peer_rounds(url, args.peer, settings, args.data, args.duration, args.port + 1,
+                                           args.out.with_suffix(".peer.log"))
                 if peak64:
                     half = asyncio.run(open_loop(Target(url), Workload.fixed(http_pairs[False], 64),
                                                       0.5 * peak64 / 64, args.duration * 2))
