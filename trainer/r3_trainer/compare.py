@@ -6,7 +6,8 @@ start, paired over the same prompts.
 
 A run directory holds `eval/step-NNNNNN.jsonl` (the trainer writes one per evaluation, step 0
 with `eval_at_start`) and `log.jsonl`. Writes compare.md (the tables and answers side by side),
-compare.json and curves.png (every held-out figure over training, ± one standard error).
+compare.json and curves.png (every held-out figure's change since the start, paired over prompts,
+± one standard error).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ def run_summary(name: str, evals: dict[int, Table]) -> dict[str, Any]:
     return {
         "run": name, "backend": next(iter(first[0]["reward"])), "steps": steps,
         "curves": {step: evaluation.summary(evals[step]) for step in steps},
+        "changes": {step: evaluation.paired(first, evals[step]) for step in steps},
         "start": evaluation.summary(first), "latest": evaluation.summary(last),
         "paired": evaluation.paired(first, last),
     }
@@ -83,11 +85,12 @@ def plot(summaries: list[dict[str, Any]], path: Path) -> None:
     for ax, name in zip(axes.flat, names, strict=False):
         for s in summaries:
             steps = s["steps"]
-            means = [s["curves"][t][name]["mean"] for t in steps]
-            ses = [s["curves"][t][name]["se"] for t in steps]
+            means = [s["changes"][t][name]["mean"] for t in steps]
+            ses = [s["changes"][t][name]["se"] for t in steps]
             ax.errorbar(steps, means, yerr=ses, marker="o", ms=3, capsize=2,
                         label=f"trained on {s['backend']}")
-        ax.set_title(name, fontsize=9)
+        ax.axhline(0, color="grey", linewidth=0.5)
+        ax.set_title(f"{name}: change since step 0", fontsize=9)
         ax.set_xlabel("step", fontsize=8)
     for ax in list(axes.flat)[len(names):]:
         ax.axis("off")
