@@ -331,7 +331,7 @@ def main(argv: list[str] | None = None) -> int:
         settings = Settings(model=args.model, device=args.device, embedding_cache_size=0,
                             max_queue_tokens=10**9)
         fidelity.run(settings, args.fidelity.split(","), args.data, args.groups,
-                     (args.backend or [None])[0], args.out)
+                     (args.backend or [None])[0], args.out, machine())
         return 0
 
     with tempfile.TemporaryDirectory() as scratch:

@@ -100,7 +100,7 @@ def compare(exact: list[list[float]], other: list[list[float]]) -> dict[str, flo
 
 
 def run(settings: Settings, dtypes: Sequence[str], data: Path, groups: int, backend: str | None,
-        out: Path) -> list[dict[str, object]]:
+        out: Path, machine: str) -> list[dict[str, object]]:
     """Every dtype against fp32 on both kinds of group; writes OUT.json and OUT.md."""
     kinds = {"others": other_groups(data, groups), "prefixes": prefix_groups(data, groups)}
     fp32 = settings.model_copy(update={"dtype": "float32"})
@@ -113,7 +113,7 @@ def run(settings: Settings, dtypes: Sequence[str], data: Path, groups: int, back
             rows.append(row)
             print(json.dumps(row), flush=True)
     lines = [f"# Reward fidelity against fp32 ({settings.model}, device {settings.device}, backend "
-             f"{backend or 'default'})", "",
+             f"{backend or 'default'})", "", f"Machine: {machine}.", "",
              "| dtype | groups of 8 | pairwise order kept | best answer kept "
              "| advantage error, mean / max (SD) | max abs / rel reward difference |",
              "|---|---|--:|--:|--:|--:|"]
