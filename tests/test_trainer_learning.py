@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import shutil
+import subprocess
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -250,3 +253,35 @@ def test_the_report_evaluates_a_checkpoint_as_the_trainer_did(tmp_path, server_u
     report = json.loads((out / "report.json").read_text())
     expected = {"reward[li]", "reward[r3]", "words", "rouge_l_closed", "hack/repeat_share"}
     assert set(report["paired"]) >= expected
+
+
+def test_learning_runs_continue_from_the_committed_state(tmp_path):
+    """scripts/learning-runs.sh in a fresh clone: a run stopped after step 2 left its state in the
+    results folder (what gets committed); with the run folder gone, the script restores that state
+    and the run continues to step 4, its earlier log kept."""
+    runs, out = tmp_path / "runs", tmp_path / "out"
+    common = ["save_every=2", "eval_every=2", "eval_at_start=true", "dev_size=4", "eval_batch_size=4",
+              f"data_path={DATA}", "plot=false"]
+    env = {**os.environ, "R3_PORT": str(free_port()), "CONFIG": str(TINY), "PRESETS": "li",
+           "RUN_DIR": str(runs), "OUT": str(out), "SYNC_EVERY": "1"}
+
+    def run(steps: int) -> str:
+        args = " ".join(f"--set {o}" for o in (f"steps={steps}", *common))
+        done = subprocess.run(["bash", str(ROOT / "scripts" / "learning-runs.sh")],
+                              env={**env, "TRAIN_ARGS": args}, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stdout + done.stderr + (runs / "li.out").read_text()
+        return done.stdout
+
+    run(2)
+    assert (out / "li" / "checkpoint" / "NAME").read_text().strip() == "checkpoint-000002"
+    first = read_log(out / "li" / "log.jsonl")
+    assert [r["step"] for r in first] == [0, 1, 2]
+    shutil.rmtree(runs)  # a fresh clone: only the results folder came along
+    printed = run(4)
+    assert "restored li from" in printed and "checkpoint-000002" in printed
+    log = read_log(out / "li" / "log.jsonl")
+    assert [r["step"] for r in log] == [0, 1, 2, 3, 4]
+    assert log[:3] == first
+    assert (out / "li" / "checkpoint" / "NAME").read_text().strip() == "checkpoint-000004"
+    assert sorted(p.name for p in (out / "li" / "eval").iterdir()) == [
+        "step-000000.jsonl", "step-000002.jsonl", "step-000004.jsonl"]
