@@ -122,7 +122,7 @@ def start_service(tmp_dir: Path, **env: str) -> ServiceProcess:
     port = free_port()
     log = tmp_dir / f"r3-serve-{port}.log"
     environment = {k: v for k, v in os.environ.items() if not k.startswith("R3_")}
-    environment.update(env)
+    environment.update({"R3_DTYPE": "float32", **env})  # parity with the rule is checked exactly
     process = subprocess.Popen(
         [sys.executable, "-m", "r3_service.cli", "--host", "127.0.0.1", "--port", str(port)],
         env=environment, stdout=log.open("w"), stderr=subprocess.STDOUT,
@@ -169,12 +169,14 @@ def app_settings(**settings: object) -> Settings:
 def in_process(**settings: object) -> Iterator[TestClient]:
     """The app of `create_app(app_settings(**settings))` in this process, lifespan and all
     (models loaded, engine started), behind an ASGI test client: no port, no uvicorn. The queue
-    bound is fixed unless given (measuring it takes seconds at start-up; no test here is about it)."""
+    bound is fixed unless given (measuring it takes seconds at start-up; no test here is about it),
+    and the dtype is the exact float32 unless given: parity with the rule is checked exactly."""
     from fastapi.testclient import TestClient
 
     from r3_service.api.app import create_app
 
-    with TestClient(create_app(app_settings(**{"max_queue_tokens": 4096 * 64, **settings}))) as client:
+    settings = {"max_queue_tokens": 4096 * 64, "dtype": "float32", **settings}
+    with TestClient(create_app(app_settings(**settings))) as client:
         yield client
 
 

@@ -29,13 +29,17 @@ def test_agreement_measures_by_hand():
 @pytest.mark.slow  # two engines, about 10 s
 def test_fidelity_of_fp32_against_itself_is_exact_and_bf16_is_measured(tmp_path):
     out = tmp_path / "fidelity"
-    args = ["--fidelity", "float32,bfloat16", "--groups", "4", "--device", "cpu", "--out", str(out)]
+    args = ["--fidelity", "float32,bfloat16,auto", "--groups", "4", "--device", "cpu", "--out", str(out)]
     assert bench_main(args) == 0
     rows = json.loads(out.with_suffix(".json").read_text())
+    auto = fidelity.resolved("auto", "cpu")
+    assert auto in ("auto (bfloat16)", "auto (float32)")  # what the precision rule picks here
     assert [(r["dtype"], r["kind"]) for r in rows] == [("float32", "others"), ("float32", "prefixes"),
-                                                       ("bfloat16", "others"), ("bfloat16", "prefixes")]
+                                                       ("bfloat16", "others"), ("bfloat16", "prefixes"),
+                                                       (auto, "others"), (auto, "prefixes")]
     for row in rows[:2]:
         assert row["pairwise_order_agreement"] == 1.0 and row["max_abs_reward_diff"] == 0.0
         assert row["groups"] == 4 and row["pairs"] > 0
-    assert all(0 < r["max_abs_reward_diff"] < 0.05 for r in rows[2:])  # bf16 moves rewards, a little
+    assert all(0 < r["max_abs_reward_diff"] < 0.05 for r in rows[2:4])  # bf16 moves rewards, a little
+    assert rows[4:] == [{**r, "dtype": auto} for r in (rows[2:4] if "bfloat16" in auto else rows[:2])]
     assert "| bfloat16 | 4 prefixes |" in out.with_suffix(".md").read_text()

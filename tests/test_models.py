@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import save_tiny_bert
+from conftest import in_process, save_tiny_bert
 from r3_service.engine.engine import RewardEngine
+from r3_service.models import base
 from r3_service.models.embedding import EmbeddingModel
 from r3_service.settings import DEFAULT_MODEL, Settings
 
@@ -117,3 +118,39 @@ def test_invalid_settings_are_named(env: dict, needle: str, monkeypatch: pytest.
         monkeypatch.setenv(key, value)
     with pytest.raises(ValueError, match=needle):
         Settings()
+
+
+def cpuinfo_flags() -> set[str]:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("flags"):
+            return set(line.split(":", 1)[1].split())
+    return set()
+
+
+@pytest.mark.skipif(not Path("/proc/cpuinfo").exists() or torch.cpu.get_capabilities()["architecture"]
+                    not in ("x86", "x86_64"), reason="reads x86 Linux CPU flags")
+def test_native_bf16_is_detected_from_the_cpu_not_assumed() -> None:
+    """The CPU's own flags (the kernel's view) agree with what `auto` reads through torch."""
+    flags = cpuinfo_flags()
+    assert set(base.native_bf16_cpu_features()) == {"avx512_bf16", "amx_bf16"} & flags
+    auto = base.pick_dtype("auto", torch.device("cpu"))
+    assert auto.dtype == (torch.bfloat16 if {"avx512_bf16", "amx_bf16"} & flags else torch.float32)
+
+
+def test_the_precision_rule(monkeypatch: pytest.MonkeyPatch) -> None:
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(base, "native_bf16_cpu_features", lambda: [])
+    assert base.pick_dtype("auto", cpu).dtype == torch.float32  # emulated bf16 is slower than fp32
+    monkeypatch.setattr(base, "native_bf16_cpu_features", lambda: ["amx_bf16"])
+    choice = base.pick_dtype("auto", cpu)
+    assert choice.dtype == torch.bfloat16 and "amx_bf16" in choice.reason
+    assert base.pick_dtype("float32", cpu) == base.DtypeChoice(torch.float32, "as set")  # exact mode
+    assert EmbeddingModel.__init__.__kwdefaults__["dtype"] == "float32"  # tools and heads stay exact
+
+
+def test_info_shows_the_dtype_auto_chose_and_why() -> None:
+    with in_process(dtype="auto") as client:
+        backend = client.get("/v1/info").json()["backends"]["r3"]
+    expected = base.pick_dtype("auto", torch.device("cpu"))
+    assert backend["dtype"] == str(expected.dtype).removeprefix("torch.")
+    assert backend["dtype_reason"] == expected.reason and backend["dtype_reason"].startswith("auto:")

@@ -78,7 +78,8 @@ def serve_config(port: int, **deployment: object) -> dict:
 def cluster(tmp_path_factory: pytest.TempPathFactory, redis_server: RedisServer) -> Iterator[RayCluster]:
     """Head + worker node, then `serve run` of the shipped config (2 replicas, one per node)."""
     tmp = tmp_path_factory.mktemp("ray")
-    env = ray_env(tmp, R3_REDIS_URL=redis_server.url, R3_MAX_QUEUE_TOKENS=str(REPLICA_BOUND), R3_API_KEYS=KEY)
+    env = ray_env(tmp, R3_REDIS_URL=redis_server.url, R3_MAX_QUEUE_TOKENS=str(REPLICA_BOUND), R3_API_KEYS=KEY,
+                  R3_DTYPE="float32")
     ray = [sys.executable, "-m", "ray.scripts.scripts"]
     port, http_port = free_port(), free_port()
     address = f"127.0.0.1:{port}"

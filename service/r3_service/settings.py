@@ -185,7 +185,9 @@ class Settings(BaseSettings):
     qtype_llm_timeout_s: float = Field(10.0, gt=0, description="Per call to the `llm` endpoint.")
     device: str = Field("auto", description="auto (CUDA when present), cpu, cuda, cuda:N.")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
-        "auto", description="auto: bf16 on GPU (fp16 without bf16), fp32 on CPU."
+        "auto", description="auto: bf16 where the hardware computes it natively (a GPU with bf16; a CPU "
+        "with AVX512-BF16, AMX or Arm BF16), fp16 on a GPU without bf16, else fp32. float32 is the "
+        "exact mode (the paper's scorer). /v1/info shows the choice and why."
     )
     compile: bool = Field(False, description="torch.compile the encoder (dynamic shapes); compiled "
                                              "and warmed up at start-up.")

@@ -25,6 +25,7 @@ from pathlib import Path
 
 from r3_service.engine.engine import RewardEngine
 from r3_service.engine.resolve import RawItem
+from r3_service.models.base import pick_device, pick_dtype
 from r3_service.settings import Settings
 from r3_tools.loadgen import Pair, make_pairs
 
@@ -99,6 +100,13 @@ def compare(exact: list[list[float]], other: list[list[float]]) -> dict[str, flo
             "max_abs_reward_diff": abs_diff, "max_rel_reward_diff": rel_diff}
 
 
+def resolved(dtype: str, device: str) -> str:
+    """`auto` is shown with what it picks on this machine: `auto (bfloat16)`."""
+    if dtype != "auto":
+        return dtype
+    return f"auto ({str(pick_dtype(dtype, pick_device(device)).dtype).removeprefix('torch.')})"
+
+
 def run(settings: Settings, dtypes: Sequence[str], data: Path, groups: int, backend: str | None,
         out: Path, machine: str) -> list[dict[str, object]]:
     """Every dtype against fp32 on both kinds of group; writes OUT.json and OUT.md."""
@@ -108,8 +116,9 @@ def run(settings: Settings, dtypes: Sequence[str], data: Path, groups: int, back
     rows: list[dict[str, object]] = []
     for dtype in dtypes:
         setting = settings.model_copy(update={"dtype": dtype})
+        label = resolved(dtype, settings.device)
         for kind, g in kinds.items():
-            row = {"dtype": dtype, "kind": kind, **compare(exact[kind], score(setting, g, backend))}
+            row = {"dtype": label, "kind": kind, **compare(exact[kind], score(setting, g, backend))}
             rows.append(row)
             print(json.dumps(row), flush=True)
     lines = [f"# Reward fidelity against fp32 ({settings.model}, device {settings.device}, backend "

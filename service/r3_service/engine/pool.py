@@ -73,6 +73,7 @@ def measured_queue_bound(model: BatchModel, max_tokens: int, max_size: int, seco
 def describe_model(model: BatchModel) -> dict[str, object]:
     info = model.info
     return {"model": info.model, "model_path": info.path, "device": info.device, "dtype": info.dtype,
+            "dtype_reason": info.dtype_reason,
             "compiled": info.compiled, "embedding_dim": info.dim, "normalize": info.normalize,
             "max_length": info.max_length,
             "truncation": "left" if isinstance(model, EmbeddingModel) else "right",

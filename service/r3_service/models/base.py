@@ -27,13 +27,36 @@ def pick_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    """auto: bf16 on a GPU that has it, else fp16 on GPU; fp32 on CPU (bf16 is slow on most CPUs)."""
+# CPU features that compute bf16 matrix products in hardware (x86 AVX512-BF16 and AMX, Arm BF16).
+# Without them oneDNN emulates bf16, and it is slower than fp32.
+NATIVE_BF16_CPU_FEATURES = ("avx512_bf16", "amx_bf16", "bf16", "sve_bf16")
+
+
+def native_bf16_cpu_features() -> list[str]:
+    capabilities = torch.cpu.get_capabilities()
+    return [name for name in NATIVE_BF16_CPU_FEATURES if capabilities.get(name)]
+
+
+@dataclass(frozen=True)
+class DtypeChoice:
+    dtype: torch.dtype
+    reason: str
+
+
+def pick_dtype(dtype: str, device: torch.device) -> DtypeChoice:
+    """The precision rule (docs: r3-bench --fidelity measured bf16 within the bound RL needs):
+    `auto` is bf16 wherever the hardware computes it natively (a GPU with bf16, a CPU with the
+    features above), fp16 on a GPU without bf16, else fp32. `float32` is the exact mode: the
+    paper's scorer, bit for bit what the parity tests check."""
     if dtype != "auto":
-        return getattr(torch, dtype)
-    if device.type != "cuda":
-        return torch.float32
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return DtypeChoice(getattr(torch, dtype), "as set")
+    if device.type == "cuda":
+        if torch.cuda.is_bf16_supported():
+            return DtypeChoice(torch.bfloat16, "auto: the GPU supports bf16")
+        return DtypeChoice(torch.float16, "auto: the GPU has no bf16")
+    if device.type == "cpu" and (features := native_bf16_cpu_features()):
+        return DtypeChoice(torch.bfloat16, f"auto: the CPU computes bf16 natively ({', '.join(features)})")
+    return DtypeChoice(torch.float32, f"auto: no native bf16 on {device.type}")
 
 
 def pad_right(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -57,6 +80,7 @@ class ModelInfo:
     dim: int  # width of a forward pass's output row (1 for a reward model)
     device: str
     dtype: str
+    dtype_reason: str  # why this dtype: as set, or what `auto` found
     compiled: bool
 
 

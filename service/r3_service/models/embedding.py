@@ -59,7 +59,7 @@ class EmbeddingModel:
     `tokenize` may run on other threads (the Rust tokenizer releases the GIL)."""
 
     def __init__(self, model: str, *, normalize: bool | None = None, device: str = "auto",
-                 dtype: str = "auto", batch_size: int = 32, compile: bool = False) -> None:
+                 dtype: str = "float32", batch_size: int = 32, compile: bool = False) -> None:
         from transformers import AutoModel, AutoTokenizer
 
         path = resolve_model_path(model)
@@ -68,7 +68,8 @@ class EmbeddingModel:
         self.tokenizer.truncation_side = "left"  # keep the end of long texts, as the reference does
         self.pad_id = self.tokenizer.pad_token_id or 0
         self.device = pick_device(device)
-        self.dtype = pick_dtype(dtype, self.device)
+        precision = pick_dtype(dtype, self.device)
+        self.dtype = precision.dtype
         self.model = AutoModel.from_pretrained(path).to(self.device, self.dtype).eval()
         self.normalize = st_normalises if normalize is None else normalize
         self.max_length = st_max_length or min(self.tokenizer.model_max_length, _HARD_MAX_LENGTH)
@@ -78,7 +79,8 @@ class EmbeddingModel:
             model=model, path=path, normalize=self.normalize, max_length=self.max_length,
             special_tokens=self.tokenizer.num_special_tokens_to_add(pair=False),
             dim=int(self.model.config.hidden_size), device=str(self.device),
-            dtype=str(self.dtype).removeprefix("torch."), compiled=compile,
+            dtype=str(self.dtype).removeprefix("torch."), dtype_reason=precision.reason,
+            compiled=compile,
         )
         if compile:
             # Dynamic shapes: one compilation serves every batch shape; pay it now, not on a request.

@@ -23,13 +23,14 @@ class RewardModel:
     """Owns one classifier. `forward` is not thread-safe (one scheduler thread calls it)."""
 
     def __init__(self, model: str, *, input_format: str = "pair", max_length: int = 1024,
-                 label: int = 0, device: str = "auto", dtype: str = "auto") -> None:
+                 label: int = 0, device: str = "auto", dtype: str = "float32") -> None:
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
         path = resolve_model_path(model)
         self.tokenizer = AutoTokenizer.from_pretrained(path)
         self.device = pick_device(device)
-        self.dtype = pick_dtype(dtype, self.device)
+        precision = pick_dtype(dtype, self.device)
+        self.dtype = precision.dtype
         self.model = AutoModelForSequenceClassification.from_pretrained(path)
         self.model = self.model.to(self.device, self.dtype).eval()
         if self.tokenizer.pad_token_id is None:  # decoder reward models: pad with EOS, as they score
@@ -51,7 +52,8 @@ class RewardModel:
             # A chat template's own tokens are not counted: a lower bound is what admission needs.
             special_tokens=0 if input_format == "chat" else
             self.tokenizer.num_special_tokens_to_add(pair=input_format == "pair"),
-            device=str(self.device), dtype=str(self.dtype).removeprefix("torch."), compiled=False,
+            device=str(self.device), dtype=str(self.dtype).removeprefix("torch."),
+            dtype_reason=precision.reason, compiled=False,
         )
         log.info("reward model %s on %s, %s (input %s, max_length=%d)",
                  model, self.device, self.info.dtype, input_format, self.max_length)
