@@ -37,7 +37,7 @@ python3 -m pytest -q -p no:cacheprovider tests/test_backends.py 2>&1 | tail -3 |
 python3 -m r3_tools.bench --random-bert-base --device cuda --pairs 4096 --duration 10 \
     --concurrency 1,16,64 --items 1,8,64 --port 8765 --out "$OUT/gpu-bert-base" 2>&1 | tail -40
 # What bf16 and fp16 (auto's choices on a GPU) do to GRPO groups' rewards against fp32 (issue 26).
-python3 -m r3_tools.bench --device cuda --fidelity bfloat16,float16 --out "$OUT/gpu-fidelity" 2>&1 | tail -2
+python3 -m r3_tools.bench --device cuda --fidelity bfloat16,float16,auto --out "$OUT/gpu-fidelity" 2>&1 | tail -2
 cat "$OUT/gpu-fidelity.md" >> "$OUT/gpu.txt"
 # r3-guarded's cost on the GPU (issue 24: >= 0.7 x r3's in-process throughput), packaged MiniLM.
 python3 -m r3_tools.bench --device cuda --pairs 4096 --skip-http --backend r3-guarded \
