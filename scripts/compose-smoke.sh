@@ -17,7 +17,7 @@
 #      (also on failure).
 #
 # On a machine with registry access none of the local images are needed: `docker compose up` uses
-# the official base images (see the README's Docker section).
+# the official base images (see docs/deployment/docker.md).
 #
 # Usage: bash scripts/compose-smoke.sh          (as root; about 10 minutes the first time)
 # Environment: SMOKE_TRAINER=0 skips the trainer, SMOKE_RAY=0 the Ray variant; SMOKE_DIR (default /var/tmp/r3-compose-smoke) holds
@@ -201,7 +201,7 @@ build_image() {  # $1 tag, $2 log name, then docker build arguments (--target, -
 # stages come last in the Dockerfile, so the service build then reuses the trainer build's layers.
 [ "${SMOKE_TRAINER:-1}" = 0 ] || build_image "$TRAINER_TAG" build-trainer.log --target trainer
 build_image "$SERVICE_TAG" build-service.log --target service
-# The KubeRay variant (README: Scaling out); its build imports its Ray Serve app.
+# The KubeRay variant (docs/deployment/ray.md); its build imports its Ray Serve app.
 [ "${SMOKE_RAY:-1}" = 0 ] || build_image "$RAY_TAG" build-service-ray.log --target service --build-arg EXTRAS=service,ray
 # Each rebuild leaves the previous final images untagged (1-2 GB each): drop those of this project
 # (its labels), never the build stages' layers, which are the next build's cache.

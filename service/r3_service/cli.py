@@ -19,7 +19,7 @@ from r3_service.settings import Settings
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="r3-serve", description="Serve R3 rewards over HTTP. Scoring settings come from R3_* "
-                                     "environment variables (see the README).")
+                                     "environment variables (docs/reference/configuration.md).")
     parser.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--log-level", default=None, choices=["debug", "info", "warning", "error"])
