@@ -222,13 +222,14 @@ def series() -> list[Series]:
 
 
 def dashboard_rows(dashboard: dict[str, Any]) -> list[list[str]]:
-    rows, section = [], ""
+    """(row, panel, its queries) per panel, in the dashboard's order."""
+    rows, row_title = [], ""
     for panel in dashboard["panels"]:
         if panel.get("type") == "row":
-            section = panel.get("title", "")
+            row_title = panel.get("title", "")
             continue
         queries = "<br>".join(f"`{t['expr']}`" for t in panel.get("targets", []) if t.get("expr"))
-        rows.append([section, panel.get("title", ""), queries])
+        rows.append([row_title, panel.get("title", ""), queries])
     return rows
 
 
@@ -265,7 +266,7 @@ def metrics_page(root: Path) -> str:
 # --------------------------------------------------------------------------- command line
 
 
-class _Parsed(Exception):
+class _Parsed(BaseException):  # not an Exception: no `except Exception` in an entry point stops it
     def __init__(self, parser: argparse.ArgumentParser) -> None:
         super().__init__(parser.prog)
         self.parser = parser
