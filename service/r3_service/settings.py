@@ -223,11 +223,14 @@ class Settings(BaseSettings):
                                           "/readyz needs `Authorization: Bearer KEY`.")
     shutdown_timeout_s: float = Field(30.0, gt=0, description="On SIGTERM, how long in-flight "
                                                               "requests may take to finish.")
-    max_items: int = Field(4096, gt=0)
-    max_text_chars: int = Field(200_000, gt=0)
-    max_body_bytes: int = Field(64 * 1024 * 1024, gt=0)
+    max_items: int = Field(4096, gt=0, description="Items (or samples) in one request; more is a 413.")
+    max_text_chars: int = Field(200_000, gt=0, description="Characters in one query, response or "
+                                                           "reference; more is a 413.")
+    max_body_bytes: int = Field(64 * 1024 * 1024, gt=0, description="Request body size; a larger "
+                                "body is a 413, by Content-Length or while it streams, before parsing.")
 
-    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_level: Literal["debug", "info", "warning", "error"] = Field(
+        "info", description="The service's log level (`r3-serve --log-level` overrides it).")
 
     @field_validator("api_keys", mode="before")
     @classmethod
