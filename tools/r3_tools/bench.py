@@ -161,12 +161,13 @@ def tagged(pairs: list[Pair], tag: str) -> list[Pair]:
                  p.query_type) for p in pairs]
 
 
-def peer_rounds(url: str, peer: str, settings: Settings, data: Path, duration: float, port: int,
-                log: Path) -> list[Result]:
-    """r3-serve and the peer on the same workloads, alternated round by round with fresh texts;
-    the median of the rounds for each, and the peer's rate as a share of r3-serve's."""
+def peer_rounds(url: str, peer: str, dtype: str, settings: Settings, data: Path, duration: float,
+                port: int, log: Path) -> list[Result]:
+    """r3-serve and the peer (its weights in `dtype`) on the same workloads, alternated round by
+    round with fresh texts; the median of the rounds for each, and the peer's rate as a share of
+    r3-serve's."""
     model_path = resolve_model_path(settings.model)
-    server = peers.start_infinity(model_path, port, log)
+    server = peers.start_infinity(model_path, port, log, dtype)
     rule = peers.ClientSideR3(settings)
     peer_url = f"http://127.0.0.1:{port}"
     results = []
@@ -181,10 +182,11 @@ def peer_rounds(url: str, peer: str, settings: Settings, data: Path, duration: f
                 peer_rates.append(peers.peer_load(peer_url, tagged(pool, f"peer round {round_}"), items,
                                                   clients, duration, rule))
             r3_rate, peer_rate = statistics.median(r3_rates), statistics.median(peer_rates)
-            results.append(Result(f"peer:{peer}", grouped, peer_rate, clients, items,
+            results.append(Result(f"peer:{peer} {dtype}", grouped, peer_rate, clients, items,
                                   x_default=peer_rate / r3_rate if r3_rate else None))
-            print(f"peer {peer}, {clients} clients x {items} pairs (groups={grouped}): {peer_rate:.1f} "
-                  f"pairs/s against r3-serve's {r3_rate:.1f} (median of {PEER_ROUNDS} alternated rounds)",
+            print(f"peer {peer} {dtype}, {clients} clients x {items} pairs (groups={grouped}): "
+                  f"{peer_rate:.1f} pairs/s against r3-serve's {r3_rate:.1f} "
+                  f"(median of {PEER_ROUNDS} alternated rounds)",
                   flush=True)
     finally:
         server.terminate()
@@ -318,6 +320,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--peer", choices=["infinity"],
                         help=f"also measure infinity-emb {peers.INFINITY_VERSION} serving the same model (R3 "
                              "computed client-side) on two HTTP workloads, alternated with r3-serve")
+    parser.add_argument("--peer-dtype", default="float32", metavar="DTYPE[,DTYPE]",
+                        help="with --peer: the peer's weights' dtype(s), each measured in its own rounds "
+                             "(float32, bfloat16, float16)")
     parser.add_argument("--fidelity", metavar="DTYPE[,DTYPE]",
                         help="instead of speed: what each dtype does to the rewards of GRPO groups "
                              "against fp32 (order, best answer, advantages); writes OUT.json and OUT.md")
@@ -397,9 +402,9 @@ def main(argv: list[str] | None = None) -> int:
                                 peak64 = max(peak64, rate)
                             print(f"http groups={grouped} items={items} conc={concurrency}: {rate} pairs/s "
                                   f"p99 {result.latency_ms.get('p99', 0):.0f} ms", flush=True)
-                if args.peer:
-                    results += peer_rounds(url, args.peer, settings, args.data, args.duration, args.port + 1,
-                                           args.out.with_suffix(".peer.log"))
+                for peer_dtype in args.peer_dtype.split(",") if args.peer else []:
+                    results += peer_rounds(url, args.peer, peer_dtype, settings, args.data, args.duration,
+                                           args.port + 1, args.out.with_suffix(f".peer-{peer_dtype}.log"))
                 if peak64:
                     half = asyncio.run(open_loop(Target(url), Workload.fixed(http_pairs[False], 64),
                                                       0.5 * peak64 / 64, args.duration * 2))

@@ -34,13 +34,14 @@ def peer_python(peer: str) -> str:
     return done.stdout.strip().splitlines()[-1]
 
 
-def start_infinity(model_path: str, port: int, log: Path) -> subprocess.Popen:
-    """infinity-emb's torch engine on 127.0.0.1:`port`, serving `model_path` as "r3-peer"."""
+def start_infinity(model_path: str, port: int, log: Path, dtype: str = "float32") -> subprocess.Popen:
+    """infinity-emb's torch engine on 127.0.0.1:`port`, serving `model_path` as "r3-peer" in `dtype`
+    (its weights' dtype: float32, float16, bfloat16)."""
     binary = Path(peer_python("infinity")).parent / "infinity_emb"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "INFINITY_ANONYMOUS_USAGE_STATS": "0"}
     command = [str(binary), "v2", "--model-id", model_path, "--served-model-name", "r3-peer",
                "--engine", "torch", "--device", "cpu", "--host", "127.0.0.1", "--port", str(port),
-               "--no-bettertransformer"]
+               "--dtype", dtype, "--no-bettertransformer"]
     process = subprocess.Popen(command, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env)
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
