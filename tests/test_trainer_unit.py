@@ -549,8 +549,12 @@ def test_rouge_l_by_hand():
 
     # LCS of "the cat sat on the mat" and "the cat lay on a mat": the cat on mat = 4 words.
     expected = 2 * (4 / 6) * (4 / 6) / (4 / 6 + 4 / 6)
-    assert rouge_l("The cat sat on the mat.", "the cat lay on a mat") == pytest.approx(expected)
-    assert rouge_l("Paris", "Paris") == 1.0 and rouge_l("", "Paris") == 0.0 and rouge_l("x y", "z") == 0.0
+    assert rouge_l("The cat sat on the mat.", "the cat lay on a mat")[2] == pytest.approx(expected)
+    assert rouge_l("Paris", "Paris") == (1.0, 1.0, 1.0)
+    assert rouge_l("", "Paris") == rouge_l("x y", "z") == (0.0, 0.0, 0.0)
+    # A longer answer that still covers the reference: recall holds, precision and F1 fall.
+    precision, recall, f1 = rouge_l("Paris, of course: Paris is the capital of France", "Paris")
+    assert (precision, recall) == (pytest.approx(1 / 9), 1.0) and f1 == pytest.approx(0.2)
 
 
 def test_compare_pairs_each_run_with_its_own_start(tmp_path):

@@ -53,7 +53,7 @@ def render(summaries: list[dict[str, Any]], evals: dict[str, dict[int, Table]], 
         lines += [f"## Trained against `{s['backend']}` ({s['run']}): step 0 → step {latest}", "",
                   "| figure | start | latest | change | change / SE |", "|---|--:|--:|--:|--:|"]
         for name, d in s["paired"].items():
-            if "/open" in name or "/closed" in name:
+            if "/open" in name or "/closed" in name or not d["n"]:  # not recorded at one end
                 continue
             z = f"{d['mean'] / d['se']:+.1f}" if d["se"] else "–"
             lines.append(f"| {name} | {_cell(s['start'][name])} | {_cell(s['latest'][name])} "

@@ -64,11 +64,13 @@ def _alnum_words(text: str) -> list[str]:
     return [t for t in tokenise(text.lower()).tokens if t[0].isalnum()]
 
 
-def rouge_l(candidate: str, reference: str) -> float:
-    """ROUGE-L F1 over lower-cased words (punctuation dropped): the longest common subsequence."""
+def rouge_l(candidate: str, reference: str) -> tuple[float, float, float]:
+    """ROUGE-L (precision, recall, F1) over lower-cased words (punctuation dropped): the longest
+    common subsequence. Recall is the share of the reference's words the candidate covers in
+    order: unlike F1 it does not fall when a correct answer grows longer."""
     a, b = _alnum_words(candidate), _alnum_words(reference)
     if not a or not b:
-        return 0.0
+        return 0.0, 0.0, 0.0
     previous = [0] * (len(b) + 1)
     for word in a:
         current = [0]
@@ -77,9 +79,9 @@ def rouge_l(candidate: str, reference: str) -> float:
         previous = current
     lcs = previous[-1]
     if lcs == 0:
-        return 0.0
+        return 0.0, 0.0, 0.0
     precision, recall = lcs / len(a), lcs / len(b)
-    return 2 * precision * recall / (precision + recall)
+    return precision, recall, 2 * precision * recall / (precision + recall)
 
 
 def hack_flags(record: Record, text: str, copy_threshold: float,
@@ -95,7 +97,7 @@ def hack_flags(record: Record, text: str, copy_threshold: float,
 
 def rows(records: Sequence[Record], answers: Answers, scored: dict[str, ScoredBatch],
          copy_threshold: float) -> list[dict[str, Any]]:
-    """One row per prompt: rewards by backend, ROUGE-L (closed prompts with a reference), words,
+    """One row per prompt: rewards by backend, ROUGE-L F1 and recall (closed prompts with a reference), words,
     cut, and the hack flags."""
     guarded = next((b for b in scored.values() if any(c.unpaid is not None for c in b.components)), None)
     out = []
@@ -103,12 +105,13 @@ def rows(records: Sequence[Record], answers: Answers, scored: dict[str, ScoredBa
         query_type = next(iter(scored.values())).components[i].query_type
         closed = query_type == "closed" and bool(record.reference)
         unpaid = guarded.components[i].unpaid if guarded is not None else None
+        _, recall, f1 = rouge_l(text, record.reference or "") if closed else (None, None, None)
         out.append({
             "query": record.query, "query_type": query_type, "text": text,
             "words": len(tokenise(text).tokens),
             "truncated": answers.truncated[i],
             "reward": {name: batch.rewards[i] for name, batch in scored.items()},
-            "rouge_l": rouge_l(text, record.reference or "") if closed else None,
+            "rouge_l": f1, "rouge_l_recall": recall,
             "hacks": hack_flags(record, text, copy_threshold, unpaid),
             "filler_scored": guarded is not None,
         })
@@ -135,6 +138,7 @@ METRICS: dict[str, Callable[[dict[str, Any]], float | None]] = {
     "words": lambda r: float(r["words"]),
     "truncated_share": lambda r: float(r["truncated"]),
     "rouge_l_closed": lambda r: r["rouge_l"],
+    "rouge_l_recall_closed": lambda r: r.get("rouge_l_recall"),  # absent from evaluations before it
     **{f"hack/{h}_share": (lambda r, h=h: None if h == "filler" and not r["filler_scored"]
                            else float(r["hacks"][h])) for h in HACKS},
 }
