@@ -54,7 +54,8 @@ restore_one() {
 if [[ "${1:-}" == "--sync" ]]; then sync_all; exit 0; fi
 
 mkdir -p "$runs" "$out"
-r3-serve --host 127.0.0.1 --port "$port" > "$runs/service.log" 2>&1 &
+# fp32: the runs began before `auto` meant bf16 on CPUs with it; one precision for a whole run.
+R3_DTYPE=float32 r3-serve --host 127.0.0.1 --port "$port" > "$runs/service.log" 2>&1 &
 pids=($!)
 stop() { kill "${pids[@]}" 2>/dev/null || true; wait 2>/dev/null || true; sync_all; }
 trap stop EXIT
