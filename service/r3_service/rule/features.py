@@ -29,9 +29,10 @@ def word_tokens(text: str) -> list[str]:
     return _WORDPUNCT.findall(text)
 
 
-def length_incentive(tokens: list[str]) -> float:
-    """LI(y) = len(tokens) / 100, deliberately not normalised by a target length."""
-    return len(tokens) / 100.0
+def length_incentive(tokens: list[str], cap: int | None = None) -> float:
+    """LI(y) = len(tokens) / 100, deliberately not normalised by a target length; with a cap
+    (r3-bounded, beyond the paper), tokens past the cap count for nothing."""
+    return (len(tokens) if cap is None else min(len(tokens), cap)) / 100.0
 
 
 def repetition_penalty(tokens: list[str]) -> float:

@@ -70,6 +70,12 @@ class RuleParams:
     # branches; None: always the hard branch.
     soft_branch: tuple[float, float] | None = None
     guards: GuardParams = field(default_factory=GuardParams)  # r3-guarded's detectors and penalty
+    # r3-bounded: LI counts at most this many (paid) tokens, so LI <= length_cap / 100. 80% of the
+    # shipped data's reference answers to open queries are shorter than 100 tokens.
+    length_cap: int = 100
+    # r3-bounded, closed queries with a reference: tokens past factor x the reference's + slack
+    # are excess, and the reward loses the excess's share of it.
+    reference_budget: tuple[float, int] = (2.0, 10)
 
 
 class Rows(Protocol):
@@ -116,6 +122,18 @@ def _r3_novel(item: ResolvedItem, f: Features, s: float | None, p: RuleParams) -
     return reward - abs(reward) * copy_overlap(item.query, item.response, exempt=item.reference)
 
 
+def _r3_bounded(item: ResolvedItem, f: Features, s: float | None, p: RuleParams) -> float:
+    """R3 (LI already capped by `score`), less the share of a closed answer past its budget: an
+    answer buried in text the reference does not need earns less, never more."""
+    reward = _r3(item, f, s, p)
+    if not _closed_with_reference(item):
+        return reward
+    factor, slack = p.reference_budget
+    budget = factor * len(tokenise(item.reference or "").tokens) + slack
+    excess = max(0.0, f.token_count - budget) / f.token_count if f.token_count else 0.0
+    return reward - abs(reward) * excess
+
+
 def _open_rule(item: ResolvedItem, f: Features, s: float | None, p: RuleParams) -> float:
     assert s is not None
     return f.length_incentive * s * f.repetition_penalty
@@ -149,6 +167,8 @@ class Preset:
     # Whether it pays only for the response's content (`rule.guards`): relevance and length of the
     # paid text, less a share for the rest.
     guarded: bool = False
+    # Whether LI stops growing at `RuleParams.length_cap` tokens (r3-bounded).
+    capped_length: bool = False
 
     @property
     def uses_relevance(self) -> bool:
@@ -188,6 +208,10 @@ PRESETS: dict[str, Preset] = {
                "repeated text and generic filler earn no length and no relevance, and cost a share of the "
                "reward (rule.guards; beyond the paper)", _r3, _branch_target, uses_query_type=True,
                guarded=True),
+        Preset("r3-bounded", "r3-guarded that pays for length only up to a point: LI counts at most "
+               "100 paid tokens, and a closed answer longer than 2x its reference + 10 tokens loses the "
+               "excess's share of its reward (beyond the paper)", _r3_bounded, _branch_target,
+               uses_query_type=True, guarded=True, capped_length=True),
         Preset("r3-no-branch", "LI·S(x,y)·RP always (R3 without reference-answer relevance)",
                _open_rule, _always_query),
         Preset("li-rp", "LI·RP (no relevance)",
@@ -209,10 +233,10 @@ def score(preset: Preset, item: ResolvedItem, s: float | None, params: RuleParam
     `s_other` the S of the other branch (`preset.other_pair`), needed only when it blends. A
     guarded preset passes the response's `detection`, and S of its paid text where the cut moves S
     (`Detection.moves_relevance`), else of the whole response."""
-    f = features_of(tokenise(item.response).tokens)
-    if detection is not None:
-        paid = detection.paid_tokens
-        f = replace(f, length_incentive=length_incentive(paid), token_count=len(paid))
+    tokens = tokenise(item.response).tokens
+    paid = tokens if detection is None else detection.paid_tokens
+    cap = params.length_cap if preset.capped_length else None
+    f = replace(features_of(tokens), length_incentive=length_incentive(paid, cap), token_count=len(paid))
     pair = preset.relevance_pair(item)
     weight = preset.open_weight(item, params)
     if detection is not None and not detection.paid_tokens:
