@@ -11,17 +11,12 @@ reference and query type). A row that has the backend already is checked against
 from __future__ import annotations
 
 import argparse
-import json
 import math
-from pathlib import Path
 
-from r3_trainer.config import load_config
-from r3_trainer.data import load_records, split_dev
+from backfill import dev_records, evaluations, save
+
 from r3_trainer.evaluation import score
 from r3_trainer.rewards import RewardScorer
-
-HERE = Path(__file__).resolve().parent
-CONFIG = HERE.parents[2] / "trainer" / "configs" / "smollm2-learning.yaml"
 
 
 def main() -> None:
@@ -29,12 +24,9 @@ def main() -> None:
     parser.add_argument("backend")
     parser.add_argument("--url", default="http://127.0.0.1:8000")
     args = parser.parse_args()
-    cfg = load_config(CONFIG)
-    _, dev = split_dev(load_records(cfg.data_path), cfg.dev_size, cfg.seed)
-    by_query = {record.query: record for record in dev}
+    by_query = dev_records()
     scorer = RewardScorer(args.url, backend=None, deadline_s=600)
-    for path in sorted(HERE.glob("*/eval/step-*.jsonl")):
-        rows = [json.loads(line) for line in path.read_text().splitlines()]
+    for path, rows in evaluations():
         records = [by_query[row["query"]] for row in rows]
         rewards = score(scorer, records, [row["text"] for row in rows], [args.backend])[args.backend].rewards
         filled = 0
@@ -45,9 +37,7 @@ def main() -> None:
                 continue
             row["reward"][args.backend] = reward
             filled += 1
-        if filled:
-            path.write_text("".join(json.dumps(row) + "\n" for row in rows))
-        print(f"{path.relative_to(HERE)}: {filled} rows filled")
+        save(path, rows, filled)
 
 
 if __name__ == "__main__":

@@ -10,35 +10,25 @@ dev split), and a row's F1 is checked to match the one recorded.
 
 from __future__ import annotations
 
-import json
 import math
-from pathlib import Path
 
-from r3_trainer.config import load_config
-from r3_trainer.data import load_records, split_dev
+from backfill import dev_records, evaluations, save
+
 from r3_trainer.evaluation import rouge_l
-
-HERE = Path(__file__).resolve().parent
-CONFIG = HERE.parents[2] / "trainer" / "configs" / "smollm2-learning.yaml"
 
 
 def main() -> None:
-    cfg = load_config(CONFIG)
-    _, dev = split_dev(load_records(cfg.data_path), cfg.dev_size, cfg.seed)
-    references = {record.query: record.reference for record in dev}
-    for path in sorted(HERE.glob("*/eval/step-*.jsonl")):
-        rows = [json.loads(line) for line in path.read_text().splitlines()]
+    records = dev_records()
+    for path, rows in evaluations():
         filled = 0
         for row in rows:
             if row["rouge_l"] is None or "rouge_l_recall" in row:
                 continue
-            _, recall, f1 = rouge_l(row["text"], references[row["query"]] or "")
+            _, recall, f1 = rouge_l(row["text"], records[row["query"]].reference or "")
             assert math.isclose(f1, row["rouge_l"], abs_tol=1e-12), (path, row["query"])
             row["rouge_l_recall"] = recall
             filled += 1
-        if filled:
-            path.write_text("".join(json.dumps(row) + "\n" for row in rows))
-        print(f"{path.relative_to(HERE)}: {filled} rows filled")
+        save(path, rows, filled)
 
 
 if __name__ == "__main__":
