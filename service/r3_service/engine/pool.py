@@ -73,8 +73,8 @@ def measured_queue_bound(model: BatchModel, max_tokens: int, max_size: int, seco
 def describe_model(model: BatchModel) -> dict[str, object]:
     info = model.info
     return {"model": info.model, "model_path": info.path, "device": info.device, "dtype": info.dtype,
-            "dtype_reason": info.dtype_reason,
-            "compiled": info.compiled, "embedding_dim": info.dim, "normalize": info.normalize,
+            "dtype_reason": info.dtype_reason, "compiled": info.compiled, "packed": info.packed,
+            "embedding_dim": info.dim, "normalize": info.normalize,
             "max_length": info.max_length,
             "truncation": "left" if isinstance(model, EmbeddingModel) else "right",
             **({"pooling": model.pooling} if isinstance(model, EmbeddingModel) else {})}
@@ -99,7 +99,8 @@ class ModelPool:
             assert isinstance(base, EmbeddingModel)
             return self._shared(("embedding", name, normalize, pooling), lambda: base.view(pooling))
         return self._shared(("embedding", name, normalize), lambda: EmbeddingModel(
-            name, normalize=normalize, device=s.device, dtype=s.dtype, compile=s.compile))
+            name, normalize=normalize, device=s.device, dtype=s.dtype, compile=s.compile,
+            packing=s.packing))
 
     def reward_model(self, spec: RewardModelSpec) -> BatchScheduler:
         s = self.settings

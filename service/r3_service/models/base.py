@@ -82,6 +82,7 @@ class ModelInfo:
     dtype: str
     dtype_reason: str  # why this dtype: as set, or what `auto` found
     compiled: bool
+    packed: bool  # runs on real tokens only (models/packed.py), not on a padded batch
 
 
 class BatchModel(Protocol):

@@ -18,6 +18,7 @@ from typing import Literal
 import torch
 
 from r3_service.models.base import ModelInfo, pad_right, pick_device, pick_dtype, resolve_model_path
+from r3_service.models.packed import PackedBert, mean_pool, supports_packing
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +60,8 @@ class EmbeddingModel:
     `tokenize` may run on other threads (the Rust tokenizer releases the GIL)."""
 
     def __init__(self, model: str, *, normalize: bool | None = None, device: str = "auto",
-                 dtype: str = "float32", batch_size: int = 32, compile: bool = False) -> None:
+                 dtype: str = "float32", batch_size: int = 32, compile: bool = False,
+                 packing: bool = True) -> None:
         from transformers import AutoModel, AutoTokenizer
 
         path = resolve_model_path(model)
@@ -75,16 +77,20 @@ class EmbeddingModel:
         self.max_length = st_max_length or min(self.tokenizer.model_max_length, _HARD_MAX_LENGTH)
         self.batch_size = batch_size
         self.pooling: Pooling = "mean"
+        self.packed = PackedBert(self.model) if packing and supports_packing(self.model) else None
         self.info = ModelInfo(
             model=model, path=path, normalize=self.normalize, max_length=self.max_length,
             special_tokens=self.tokenizer.num_special_tokens_to_add(pair=False),
             dim=int(self.model.config.hidden_size), device=str(self.device),
             dtype=str(self.dtype).removeprefix("torch."), dtype_reason=precision.reason,
-            compiled=compile,
+            compiled=compile, packed=self.packed is not None,
         )
         if compile:
             # Dynamic shapes: one compilation serves every batch shape; pay it now, not on a request.
-            self.model = torch.compile(self.model, dynamic=True)
+            if self.packed is not None:
+                self.packed.compile()
+            else:
+                self.model = torch.compile(self.model, dynamic=True)
             self.forward(self.tokenize(["warm-up text for the compiler", "a second, longer warm-up text"]))
         log.info("embedding model %s on %s, %s (max_length=%d, normalize=%s)",
                  model, self.device, self.info.dtype, self.max_length, self.normalize)
@@ -111,7 +117,9 @@ class EmbeddingModel:
 
     @torch.inference_mode()
     def forward(self, sequences: list[list[int]]) -> torch.Tensor:
-        """Mean-pooled embeddings (len, dim), float32 on the CPU, of one padded batch."""
+        """Mean-pooled embeddings (len, dim), float32 on the CPU, of one batch."""
+        if self.packed is not None:
+            return self._forward_packed(sequences)
         ids, mask = pad_right(sequences, self.pad_id)
         if self.device.type == "cuda":
             ids, mask = ids.pin_memory(), mask.pin_memory()
@@ -123,6 +131,18 @@ class EmbeddingModel:
             means = [_mean(state.float(), weights) for state in states[1:]]  # [0] is the input embedding
             return torch.cat([torch.nn.functional.normalize(m, dim=-1) for m in means], dim=-1).cpu()
         pooled = _mean(self.model(input_ids=ids, attention_mask=mask).last_hidden_state.float(), weights)
+        if self.normalize:
+            pooled = torch.nn.functional.normalize(pooled, dim=-1)
+        return pooled.cpu()
+
+    def _forward_packed(self, sequences: list[list[int]]) -> torch.Tensor:
+        """`forward` on real tokens only (models/packed.py): the same numbers, no padding computed."""
+        every_layer = self.pooling == "layers"
+        states, layout = self.packed.hidden_states(sequences, self.device, every_layer=every_layer)
+        if every_layer:
+            means = [mean_pool(state, layout) for state in states[1:]]
+            return torch.cat([torch.nn.functional.normalize(m, dim=-1) for m in means], dim=-1).cpu()
+        pooled = mean_pool(states[-1], layout)
         if self.normalize:
             pooled = torch.nn.functional.normalize(pooled, dim=-1)
         return pooled.cpu()

@@ -53,7 +53,7 @@ class RewardModel:
             special_tokens=0 if input_format == "chat" else
             self.tokenizer.num_special_tokens_to_add(pair=input_format == "pair"),
             device=str(self.device), dtype=str(self.dtype).removeprefix("torch."),
-            dtype_reason=precision.reason, compiled=False,
+            dtype_reason=precision.reason, compiled=False, packed=False,
         )
         log.info("reward model %s on %s, %s (input %s, max_length=%d)",
                  model, self.device, self.info.dtype, input_format, self.max_length)

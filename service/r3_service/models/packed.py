@@ -1,0 +1,116 @@
+"""A padding-free forward pass for BERT-family encoders (MiniLM, Contriever, BGE, E5, ...).
+
+A padded batch computes every Linear, LayerNorm and GELU on its padding too; on a CPU that is
+pure waste (16% of the tokens computed under the GRPO load test). Here the batch is one row of
+real tokens: the per-token parts of each layer run on exactly those, and only attention, which
+mixes tokens within a sequence, runs on a padded view (a few per cent of the FLOPs at these
+lengths). It reads the Hugging Face model's own weights, so the numbers are the padded forward's
+to float rounding (tests/test_packed.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch.nn import functional as F
+
+
+def supports_packing(model: torch.nn.Module) -> bool:
+    """A plain BERT encoder: absolute positions, no decoder or cross-attention, GELU."""
+    config = getattr(model, "config", None)
+    return (
+        config is not None
+        and getattr(config, "model_type", None) == "bert"
+        and getattr(config, "position_embedding_type", "absolute") == "absolute"
+        and not getattr(config, "is_decoder", False)
+        and not getattr(config, "add_cross_attention", False)
+        and getattr(config, "hidden_act", None) == "gelu"
+        and getattr(config, "chunk_size_feed_forward", 0) == 0
+    )
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where each real token sits: its sequence, its position, and its slot in the padded view."""
+
+    lengths: torch.Tensor  # (batch,)
+    sequence: torch.Tensor  # (tokens,) sequence of each token
+    position: torch.Tensor  # (tokens,) position of each token within its sequence
+    slot: torch.Tensor  # (tokens,) row-major index into (batch × longest)
+    longest: int
+    key_mask: torch.Tensor  # (batch, 1, 1, longest) True where a key is a real token
+
+    @staticmethod
+    def of(sequences: list[list[int]], device: torch.device) -> Layout:
+        lengths = torch.tensor([len(s) for s in sequences], dtype=torch.long)
+        longest = int(lengths.max())
+        sequence = torch.repeat_interleave(torch.arange(len(sequences)), lengths)
+        starts = torch.cumsum(lengths, 0) - lengths
+        position = torch.arange(int(lengths.sum())) - starts[sequence]
+        key_mask = torch.arange(longest)[None, :] < lengths[:, None]
+        return Layout(lengths.to(device), sequence.to(device), position.to(device),
+                      (sequence * longest + position).to(device), longest,
+                      key_mask[:, None, None, :].to(device))
+
+
+class PackedBert:
+    """Runs a Hugging Face `BertModel` on packed tokens. Returns hidden states (tokens, hidden)
+    after every layer, the input embeddings first, as `output_hidden_states` would."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        if not supports_packing(model):
+            raise ValueError(f"{type(model).__name__} is not a plain BERT encoder")
+        self.model = model
+        self.heads = int(model.config.num_attention_heads)
+        # One Linear for query, key and value: one matrix product per layer instead of three.
+        self.qkv = [
+            (torch.cat([a.query.weight, a.key.weight, a.value.weight]),
+             torch.cat([a.query.bias, a.key.bias, a.value.bias]))
+            for a in (layer.attention.self for layer in model.encoder.layer)
+        ]
+
+    def compile(self) -> None:
+        """torch.compile each layer's body (dynamic shapes: one graph for every token count)."""
+        self._layer = torch.compile(self._layer, dynamic=True)
+
+    def hidden_states(self, sequences: list[list[int]], device: torch.device,
+                      every_layer: bool = False) -> tuple[list[torch.Tensor], Layout]:
+        """(hidden states, layout): the last layer's only, or every layer's with `every_layer`."""
+        layout = Layout.of(sequences, device)
+        ids = torch.tensor([t for s in sequences for t in s], dtype=torch.long, device=device)
+        embeddings = self.model.embeddings
+        hidden = (embeddings.word_embeddings(ids) + embeddings.position_embeddings(layout.position)
+                  + embeddings.token_type_embeddings.weight[0])
+        hidden = embeddings.LayerNorm(hidden)
+        states = [hidden]
+        for layer, qkv in zip(self.model.encoder.layer, self.qkv, strict=True):
+            hidden = self._layer(layer, qkv, hidden, layout)
+            if every_layer:
+                states.append(hidden)
+        return (states if every_layer else [hidden]), layout
+
+    def _layer(self, layer: torch.nn.Module, qkv: tuple[torch.Tensor, torch.Tensor],
+               hidden: torch.Tensor, layout: Layout) -> torch.Tensor:
+        attended = self._attend(F.linear(hidden, *qkv), layout)
+        attention_out = layer.attention.output
+        hidden = attention_out.LayerNorm(attention_out.dense(attended) + hidden)
+        inner = F.gelu(layer.intermediate.dense(hidden))
+        return layer.output.LayerNorm(layer.output.dense(inner) + hidden)
+
+    def _attend(self, qkv: torch.Tensor, layout: Layout) -> torch.Tensor:
+        """Scaled dot-product attention within each sequence, on a padded view of q, k, v."""
+        batch, width = layout.lengths.shape[0], qkv.shape[1] // 3
+        padded = qkv.new_zeros(batch * layout.longest, 3 * width)
+        padded[layout.slot] = qkv
+        padded = padded.view(batch, layout.longest, 3, self.heads, width // self.heads)
+        query, key, value = padded.permute(2, 0, 3, 1, 4).unbind(0)
+        out = F.scaled_dot_product_attention(query, key, value, attn_mask=layout.key_mask)
+        return out.transpose(1, 2).reshape(batch * layout.longest, width)[layout.slot]
+
+
+def mean_pool(hidden: torch.Tensor, layout: Layout) -> torch.Tensor:
+    """Mean over each sequence's tokens, in float32: (tokens, dim) → (batch, dim)."""
+    sums = hidden.new_zeros(layout.lengths.shape[0], hidden.shape[1], dtype=torch.float32)
+    sums.index_add_(0, layout.sequence, hidden.float())
+    return sums / layout.lengths[:, None].clamp(min=1).float()
