@@ -191,8 +191,9 @@ class Settings(BaseSettings):
     )
     compile: bool = Field(False, description="torch.compile the encoder (dynamic shapes); compiled "
                                              "and warmed up at start-up.")
-    packing: bool = Field(True, description="Run BERT-family encoders on real tokens only, no padding "
-                          "computed (same numbers); false runs the padded Hugging Face forward.")
+    packing: bool = Field(True, description="On a CPU, run BERT-family encoders on real tokens only, no "
+                          "padding computed (same numbers); false runs the padded Hugging Face forward "
+                          "(always the case on a GPU).")
 
     # Batching engine
     max_batch_tokens: int | None = Field(None, gt=0, description="Padded tokens per forward; "

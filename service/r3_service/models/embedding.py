@@ -77,7 +77,9 @@ class EmbeddingModel:
         self.max_length = st_max_length or min(self.tokenizer.model_max_length, _HARD_MAX_LENGTH)
         self.batch_size = batch_size
         self.pooling: Pooling = "mean"
-        self.packed = PackedBert(self.model) if packing and supports_packing(self.model) else None
+        # On a GPU padding is cheap and one launch per op is not: there the padded forward runs.
+        pack = packing and self.device.type == "cpu" and supports_packing(self.model)
+        self.packed = PackedBert(self.model) if pack else None
         self.info = ModelInfo(
             model=model, path=path, normalize=self.normalize, max_length=self.max_length,
             special_tokens=self.tokenizer.num_special_tokens_to_add(pair=False),

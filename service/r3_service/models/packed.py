@@ -2,10 +2,10 @@
 
 A padded batch computes every Linear, LayerNorm and GELU on its padding too; on a CPU that is
 pure waste (16% of the tokens computed under the GRPO load test). Here the batch is one row of
-real tokens: the per-token parts of each layer run on exactly those, and only attention, which
-mixes tokens within a sequence, runs on a padded view (a few per cent of the FLOPs at these
-lengths). It reads the Hugging Face model's own weights, so the numbers are the padded forward's
-to float rounding (tests/test_packed.py).
+real tokens: the per-token parts of each layer run on exactly those, and attention, which
+mixes tokens within a sequence, runs per block of equal-length sequences (no padding either).
+It reads the Hugging Face model's own weights, so the numbers are the padded forward's to float
+rounding (tests/test_packed.py).
 """
 
 from __future__ import annotations
@@ -32,26 +32,29 @@ def supports_packing(model: torch.nn.Module) -> bool:
 
 @dataclass(frozen=True)
 class Layout:
-    """Where each real token sits: its sequence, its position, and its slot in the padded view."""
+    """Where each real token sits: its sequence and its position in it. Tokens are packed
+    sequence after sequence, so `runs` (count, length) of consecutive equal-length sequences are
+    contiguous blocks of rows: a scheduler's length-sorted batch is a few runs."""
 
     lengths: torch.Tensor  # (batch,)
     sequence: torch.Tensor  # (tokens,) sequence of each token
     position: torch.Tensor  # (tokens,) position of each token within its sequence
-    slot: torch.Tensor  # (tokens,) row-major index into (batch × longest)
-    longest: int
-    key_mask: torch.Tensor  # (batch, 1, 1, longest) True where a key is a real token
+    runs: list[tuple[int, int]]
 
     @staticmethod
     def of(sequences: list[list[int]], device: torch.device) -> Layout:
-        lengths = torch.tensor([len(s) for s in sequences], dtype=torch.long)
-        longest = int(lengths.max())
-        sequence = torch.repeat_interleave(torch.arange(len(sequences)), lengths)
+        sizes = [len(s) for s in sequences]
+        lengths = torch.tensor(sizes, dtype=torch.long)
+        sequence = torch.repeat_interleave(torch.arange(len(sizes)), lengths)
         starts = torch.cumsum(lengths, 0) - lengths
         position = torch.arange(int(lengths.sum())) - starts[sequence]
-        key_mask = torch.arange(longest)[None, :] < lengths[:, None]
-        return Layout(lengths.to(device), sequence.to(device), position.to(device),
-                      (sequence * longest + position).to(device), longest,
-                      key_mask[:, None, None, :].to(device))
+        runs: list[tuple[int, int]] = []
+        for size in sizes:
+            if runs and runs[-1][1] == size:
+                runs[-1] = (runs[-1][0] + 1, size)
+            else:
+                runs.append((1, size))
+        return Layout(lengths.to(device), sequence.to(device), position.to(device), runs)
 
 
 class PackedBert:
@@ -99,14 +102,20 @@ class PackedBert:
         return layer.output.LayerNorm(layer.output.dense(inner) + hidden)
 
     def _attend(self, qkv: torch.Tensor, layout: Layout) -> torch.Tensor:
-        """Scaled dot-product attention within each sequence, on a padded view of q, k, v."""
-        batch, width = layout.lengths.shape[0], qkv.shape[1] // 3
-        padded = qkv.new_zeros(batch * layout.longest, 3 * width)
-        padded[layout.slot] = qkv
-        padded = padded.view(batch, layout.longest, 3, self.heads, width // self.heads)
-        query, key, value = padded.permute(2, 0, 3, 1, 4).unbind(0)
-        out = F.scaled_dot_product_attention(query, key, value, attn_mask=layout.key_mask)
-        return out.transpose(1, 2).reshape(batch * layout.longest, width)[layout.slot]
+        """Scaled dot-product attention within each sequence: one call per run of equal-length
+        sequences, so no padding and no mask (a masked call is slower on a CPU than several
+        unmasked ones). In fp32 whatever the weights' dtype: faster on a CPU, and exact."""
+        width = qkv.shape[1] // 3
+        head_width = width // self.heads
+        rows = qkv.float()
+        out, start = [], 0
+        for count, length in layout.runs:
+            block = rows[start : start + count * length].view(count, length, 3, self.heads, head_width)
+            query, key, value = block.permute(2, 0, 3, 1, 4).unbind(0)
+            attended = F.scaled_dot_product_attention(query, key, value)
+            out.append(attended.transpose(1, 2).reshape(count * length, width))
+            start += count * length
+        return torch.cat(out).to(qkv.dtype)
 
 
 def mean_pool(hidden: torch.Tensor, layout: Layout) -> torch.Tensor:
