@@ -120,34 +120,31 @@ class EmbeddingModel:
     @torch.inference_mode()
     def forward(self, sequences: list[list[int]]) -> torch.Tensor:
         """Mean-pooled embeddings (len, dim), float32 on the CPU, of one batch."""
-        if self.packed is not None:
-            return self._forward_packed(sequences)
+        every_layer = self.pooling == "layers"
+        if self.packed is not None:  # real tokens only (models/packed.py): the same numbers
+            states, layout = self.packed.hidden_states(sequences, self.device, every_layer=every_layer)
+            means = [mean_pool(state, layout) for state in states[1 if every_layer else 0 :]]
+        else:
+            means = self._padded_means(sequences, every_layer)
+        if every_layer:
+            return torch.cat([torch.nn.functional.normalize(m, dim=-1) for m in means], dim=-1).cpu()
+        pooled = means[-1]
+        if self.normalize:
+            pooled = torch.nn.functional.normalize(pooled, dim=-1)
+        return pooled.cpu()
+
+    def _padded_means(self, sequences: list[list[int]], every_layer: bool) -> list[torch.Tensor]:
+        """Each layer's mean over real tokens (`every_layer`), else the last layer's, computed on
+        one right-padded batch by the Hugging Face forward."""
         ids, mask = pad_right(sequences, self.pad_id)
         if self.device.type == "cuda":
             ids, mask = ids.pin_memory(), mask.pin_memory()
         ids = ids.to(self.device, non_blocking=True)
         mask = mask.to(self.device, non_blocking=True)
         weights = mask.unsqueeze(-1).float()
-        if self.pooling == "layers":
-            states = self.model(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states
-            means = [_mean(state.float(), weights) for state in states[1:]]  # [0] is the input embedding
-            return torch.cat([torch.nn.functional.normalize(m, dim=-1) for m in means], dim=-1).cpu()
-        pooled = _mean(self.model(input_ids=ids, attention_mask=mask).last_hidden_state.float(), weights)
-        if self.normalize:
-            pooled = torch.nn.functional.normalize(pooled, dim=-1)
-        return pooled.cpu()
-
-    def _forward_packed(self, sequences: list[list[int]]) -> torch.Tensor:
-        """`forward` on real tokens only (models/packed.py): the same numbers, no padding computed."""
-        every_layer = self.pooling == "layers"
-        states, layout = self.packed.hidden_states(sequences, self.device, every_layer=every_layer)
-        if every_layer:
-            means = [mean_pool(state, layout) for state in states[1:]]
-            return torch.cat([torch.nn.functional.normalize(m, dim=-1) for m in means], dim=-1).cpu()
-        pooled = mean_pool(states[-1], layout)
-        if self.normalize:
-            pooled = torch.nn.functional.normalize(pooled, dim=-1)
-        return pooled.cpu()
+        out = self.model(input_ids=ids, attention_mask=mask, output_hidden_states=every_layer)
+        states = out.hidden_states[1:] if every_layer else [out.last_hidden_state]  # [0]: input embedding
+        return [_mean(state.float(), weights) for state in states]
 
     @torch.inference_mode()
     def word_vectors(self, texts: list[str]) -> torch.Tensor:

@@ -11,6 +11,7 @@ rounding (tests/test_packed.py).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import groupby
 
 import torch
 from torch.nn import functional as F
@@ -48,12 +49,7 @@ class Layout:
         sequence = torch.repeat_interleave(torch.arange(len(sizes)), lengths)
         starts = torch.cumsum(lengths, 0) - lengths
         position = torch.arange(int(lengths.sum())) - starts[sequence]
-        runs: list[tuple[int, int]] = []
-        for size in sizes:
-            if runs and runs[-1][1] == size:
-                runs[-1] = (runs[-1][0] + 1, size)
-            else:
-                runs.append((1, size))
+        runs = [(len(list(group)), size) for size, group in groupby(sizes)]
         return Layout(lengths.to(device), sequence.to(device), position.to(device), runs)
 
 
