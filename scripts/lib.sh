@@ -23,9 +23,13 @@ sys.exit(f"{url} did not answer within {sys.argv[2]} s")
 PY
 }
 
+redis_command() {  # PORT DIR: the command line of a redis-server that saves only when told to
+    echo "redis-server --port $1 --bind 127.0.0.1 --save '' --appendonly no --dir $2"
+}
+
 start_redis() {  # PORT DIR: an empty, non-persistent redis-server; sets REDIS_URL
     command -v redis-server >/dev/null || { echo "redis-server is not installed (scripts/test.sh installs it)" >&2; exit 1; }
-    redis-server --port "$1" --bind 127.0.0.1 --save "" --appendonly no --dir "$2" >/dev/null &
+    eval "$(redis_command "$1" "$2") >/dev/null &"
     STARTED_PIDS+=($!)
     REDIS_URL="redis://127.0.0.1:$1/0"
     python3 -c "import redis, time

@@ -19,7 +19,7 @@ extra=("$@")
 [ ${#extra[@]} -gt 0 ] || extra=(--users 16 --grpo 8)
 
 start_redis "$(free_port)" "$work"
-python3 -m r3_tools.store_admin load data/alpacafarm_val.json --redis-url "$REDIS_URL" >/dev/null
+r3-qtypes load data/alpacafarm_val.json --redis-url "$REDIS_URL" >/dev/null
 R3_REDIS_URL=$REDIS_URL start_service "$(free_port)" "$work/serve.log"
 python3 -m r3_tools.loadtest --url "$SERVICE_URL" --duration 5 --drain 10 "${extra[@]}" >/dev/null  # warm-up
 python3 -m r3_tools.loadtest --url "$SERVICE_URL" --duration "$((DURATION + 5))" --drain 10 "${extra[@]}" \

@@ -34,7 +34,7 @@ DATA = ROOT / "data" / "alpacafarm_val.json"
 
 # Fixtures that start a real redis-server or r3-serve: a test using one (directly or through
 # another fixture) is `slow`. Tests that start processes themselves carry the mark by hand.
-SERVER_FIXTURES = {"redis_server", "service", "tight", "keyed", "flaky_service", "fresh_service"}
+SERVER_FIXTURES = {"redis_server", "service", "tight", "keyed", "flaky_service", "fresh_service", "two_jobs"}
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

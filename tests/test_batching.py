@@ -15,7 +15,8 @@ import pytest
 import torch
 
 from conftest import ServiceProcess, start_service
-from r3_service.engine.scheduler import BatchLimits, BatchScheduler, QueueFull, ReadyQueue, _Entry
+from r3_service.engine.queueing import BatchLimits, Entry, ReadyQueue
+from r3_service.engine.scheduler import BatchScheduler, QueueFull
 from r3_service.metrics import Metrics
 from r3_tools.loadgen import post_plain
 
@@ -287,8 +288,8 @@ def test_concurrent_http_requests_score_as_they_would_alone(server_url: str) -> 
 def test_ready_queue_batches_the_oldest_with_its_length_neighbours() -> None:
     loop = asyncio.new_event_loop()
     try:
-        def entry(name: str, length: int, at: float) -> _Entry:
-            return _Entry(name, loop.create_future(), False, ids=[0] * length, ready_at=at)
+        def entry(name: str, length: int, at: float) -> Entry:
+            return Entry(name, loop.create_future(), False, ids=[0] * length, ready_at=at)
 
         queue = ReadyQueue()
         old_short = entry("old short", 10, 0.0)
@@ -297,7 +298,7 @@ def test_ready_queue_batches_the_oldest_with_its_length_neighbours() -> None:
         gone = entry("client left", 10, 0.5)
         gone.waiters = 0
         queue.add([old_short, gone, *longs, *near])
-        abandoned: list[_Entry] = []
+        abandoned: list[Entry] = []
         limits = BatchLimits(max_tokens=60, max_size=100, max_wait_s=0, max_queue_tokens=100)
         batch = queue.take(limits, abandoned)
         # The oldest live text leads; only lengths within MIN_FILL of the longest join; budget 60

@@ -213,9 +213,9 @@ def test_padding_run_on_from_a_line_without_a_full_stop_is_read_on_its_own() -> 
 def test_one_split_of_a_response_serves_the_rule_the_detectors_and_the_metrics(app_client) -> None:
     responses = [f"{ANSWER} Note {n}: it depends on the data and the task." for n in range(3)]
     items = [{"query": QUERY, "response": r, "query_type": "open"} for r in responses]
-    tokenise.cache_clear()
+    tokenise.cache.clear()
     got = app_client.post("/reward", json={"items": items, "backend": "r3-guarded"})
     assert got.status_code == 200
-    info = tokenise.cache_info()
+    cache = tokenise.cache
     # each distinct response split once; the rule's features and /metrics read that split again
-    assert info.misses == len(responses) and info.hits >= 2 * len(responses)
+    assert cache.misses == len(responses) and cache.hits >= 2 * len(responses)

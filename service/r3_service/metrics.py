@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+import sys
+import tracemalloc
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.core import CounterMetricFamily
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
+
+from r3_service import allocator
+from r3_service.caches import LruCache, module_caches
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 WAIT_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
@@ -90,6 +95,59 @@ class StoreCollector(Collector):
                                   value=self.stats.fallbacks)
 
 
+class MemoryCollector(Collector):
+    """Where the process's memory is, read at scrape time: each cache's estimated bytes and
+    entries, the C allocator's account, CPython's allocated blocks (and traced bytes when
+    tracemalloc runs). The process's RSS is `process_resident_memory_bytes`."""
+
+    def __init__(self) -> None:
+        self.caches: list[LruCache] = []
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        caches = [*self.caches, *module_caches()]
+        size = GaugeMetricFamily("r3_cache_bytes", "Estimated bytes held by each cache (bounded in bytes "
+                                 "and entries)", labels=["cache"])
+        entries = GaugeMetricFamily("r3_cache_entries", "Entries held by each cache", labels=["cache"])
+        for cache in caches:
+            size.add_metric([cache.name], cache.bytes)
+            entries.add_metric([cache.name], len(cache))
+        yield size
+        yield entries
+        heap = allocator.heap()
+        if heap:
+            family = GaugeMetricFamily("r3_allocator_bytes", "glibc malloc's account: arena (from the "
+                                       "system, all arenas), in_use and free within them, mmapped",
+                                       labels=["kind"])
+            for kind, value in heap.items():
+                family.add_metric([kind], value)
+            yield family
+        yield GaugeMetricFamily("r3_python_allocated_blocks", "CPython objects' memory blocks allocated "
+                                "(sys.getallocatedblocks)", value=sys.getallocatedblocks())
+        if tracemalloc.is_tracing():
+            yield GaugeMetricFamily("r3_python_traced_bytes", "Bytes CPython allocated, as traced by "
+                                    "tracemalloc (R3_TRACEMALLOC)", value=tracemalloc.get_traced_memory()[0])
+
+
+class TenantCollector(Collector):
+    """Each tenant's queue depth, held tokens and weight, read at scrape time."""
+
+    def __init__(self, weights: dict[str, float], depths: Callable[[], dict[str, tuple[int, int]]]) -> None:
+        self.weights = weights
+        self.depths = depths
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        queued = GaugeMetricFamily("r3_tenant_queue_depth", "Texts waiting for a batch, per tenant",
+                                   labels=["tenant"])
+        held = GaugeMetricFamily("r3_tenant_held_tokens", "Tokens held by a tenant's requests in flight",
+                                 labels=["tenant"])
+        weight = GaugeMetricFamily("r3_tenant_weight", "A tenant's configured weight", labels=["tenant"])
+        for tenant, (depth, tokens) in sorted(self.depths().items()):
+            queued.add_metric([tenant], depth)
+            held.add_metric([tenant], tokens)
+            weight.add_metric([tenant], self.weights.get(tenant, 1.0))
+        yield from (queued, held, weight)
+
+
 class LlmCollector(Collector):
     """The `llm` query-type classifier's counters, read at scrape time."""
 
@@ -139,6 +197,12 @@ class Metrics:
                              ["result"], registry=self.registry)
         self.rejected = Counter("r3_queue_rejections", "Requests refused with 429 (queue full)",
                                 registry=self.registry)
+        # Tenants (API keys, by their configured name; "" without keys)
+        self.tenant_rejected = Counter("r3_tenant_rejections", "Requests refused with 429, per tenant",
+                                       ["tenant"], registry=self.registry)
+        self.tenant_admitted_tokens = Counter("r3_tenant_admitted_tokens", "Tokens admitted, per tenant "
+                                              "(summed over model queues)", ["tenant"],
+                                              registry=self.registry)
         self.dropped = Counter("r3_dropped_texts", "Queued texts dropped because their clients left",
                                registry=self.registry)
         self.oom_splits = Counter("r3_oom_splits", "Batches split after a CUDA out-of-memory error",
@@ -173,6 +237,9 @@ class Metrics:
                                          "marks, by reason; share = rate(this) / rate(r3_reward_count)",
                                          ["backend", "reason"], registry=self.registry)
         self._scored: dict[tuple[str, str], ScoreSeries] = {}
+        self.memory = MemoryCollector()
+        self.registry.register(self.memory)
+        ProcessCollector(registry=self.registry)  # process_resident_memory_bytes and the like
 
     def observe_scores(self, backend: str, scored: Sequence[ScoreParts], copy_overlaps: Sequence[float],
                        empty: int) -> None:
@@ -206,6 +273,13 @@ class Metrics:
         for reason, count in unpaid.items():
             self.unpaid_tokens.labels(backend, reason).inc(count)
             self.flagged_responses.labels(backend, reason).inc(flagged.get(reason, 0))
+
+    def watch_cache(self, cache: LruCache) -> None:
+        self.memory.caches.append(cache)
+
+    def watch_tenants(self, weights: dict[str, float],
+                      depths: Callable[[], dict[str, tuple[int, int]]]) -> None:
+        self.registry.register(TenantCollector(weights, depths))
 
     def watch_store(self, stats: StoreCounts) -> None:
         self.registry.register(StoreCollector(stats))

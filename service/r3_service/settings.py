@@ -150,6 +150,15 @@ class EnsembleSpec(_Spec):
 BackendSpec = Annotated[R3BackendSpec | RewardModelSpec | EnsembleSpec, Field(discriminator="kind")]
 
 
+class TenantSpec(_Spec):
+    """A training job sharing the service: its API key, the name `/metrics` shows instead of the
+    key, and its weight in the fair share of each model's queue."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    key: str = Field(min_length=1)
+    weight: float = Field(1.0, gt=0)
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="R3_", extra="ignore")
 
@@ -210,7 +219,10 @@ class Settings(BaseSettings):
                                 "(read as `max_queue_tokens` = 64 × this).")
     queue_seconds: float = Field(60.0, gt=0, description="Work the measured queue bound holds: a third "
                                  "of the 180 s OpenRLHF and r3's client wait per try, half of slime's 120 s.")
-    embedding_cache_size: int = Field(50_000, ge=0, description="Query/reference embeddings kept (LRU).")
+    embedding_cache_size: int = Field(50_000, ge=0, description="Query/reference embeddings kept (LRU), "
+                                      "per model.")
+    embedding_cache_bytes: int = Field(128 << 20, ge=0, description="Bytes the query/reference embeddings "
+                                       "and their texts may take, per model (LRU; `r3_cache_bytes`).")
     tokenizer_threads: int = Field(2, gt=0, description="Threads tokenising ahead of the model.")
 
     # Store
@@ -218,12 +230,18 @@ class Settings(BaseSettings):
     redis_timeout_ms: int = Field(200, gt=0, description="Per-lookup Redis timeout.")
     redis_retry_s: float = Field(2.0, ge=0, description="How long to skip Redis after a failure.")
     memory_store_size: int = Field(200_000, gt=0, description="Records kept in-process.")
+    memory_store_bytes: int = Field(128 << 20, gt=0, description="Bytes the in-process records and their "
+                                    "reference answers may take (LRU; `r3_cache_bytes{cache=\"store\"}`).")
     qtypes_file: str | None = Field(None, description="JSON/JSONL loaded into the store at start-up.")
 
     # Security and limits
     api_keys: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="Comma-separated; when set, every endpoint but /healthz and "
                                           "/readyz needs `Authorization: Bearer KEY`.")
+    tenants: list[TenantSpec] = Field(
+        default_factory=list, description="JSON list of `{name, key, weight}`: each key is a tenant (a "
+                                          "training job) with a weighted fair share of the queues; "
+                                          "`api_keys` are tenants `key1`, `key2`, ... of weight 1.")
     shutdown_timeout_s: float = Field(30.0, gt=0, description="On SIGTERM, how long in-flight "
                                                               "requests may take to finish.")
     max_items: int = Field(4096, gt=0, description="Items (or samples) in one request; more is a 413.")
@@ -232,8 +250,21 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(64 * 1024 * 1024, gt=0, description="Request body size; a larger "
                                 "body is a 413, by Content-Length or while it streams, before parsing.")
 
+    # Memory over a long run (docs/operations/memory.md)
+    malloc_arena_max: int | None = Field(2, gt=0, description="glibc malloc arenas (default 8 per core): "
+                                         "fewer arenas hold a long run's RSS flat; None leaves glibc's "
+                                         "default (or MALLOC_ARENA_MAX).")
+    malloc_trim_s: float = Field(30.0, ge=0, description="Every this many seconds, give the C heap's "
+                                 "free pages back to the system (malloc_trim); 0 never.")
+    tracemalloc: bool = Field(False, description="Trace CPython's allocations (`r3_python_traced_bytes`); "
+                              "slows the service, for finding a leak.")
+
     log_level: Literal["debug", "info", "warning", "error"] = Field(
         "info", description="The service's log level (`r3-serve --log-level` overrides it).")
+    access_log: Literal["all", "sampled", "off"] = Field(
+        "sampled", description="uvicorn's access log: a line per request (`all`); the same but of the "
+        "429s under a burst only the first each second, the next line saying how many were left out "
+        "(`sampled`); none (`off`). Every answer is counted in `/metrics` in any case.")
 
     @field_validator("api_keys", mode="before")
     @classmethod
@@ -262,6 +293,22 @@ class Settings(BaseSettings):
         if value not in TEMPLATES:
             raise ValueError(f"unknown chat template {value!r}; valid: none, {', '.join(TEMPLATES)}")
         return str(value)
+
+    @model_validator(mode="after")
+    def _unique_tenants(self) -> Settings:
+        for field_name, values in (("name", [t.name for t in self.all_tenants()]),
+                                   ("key", [t.key for t in self.all_tenants()])):
+            if len(set(values)) < len(values):
+                raise ValueError(f"tenants: each {field_name} must be unique (R3_TENANTS, R3_API_KEYS)")
+        return self
+
+    def all_tenants(self) -> list[TenantSpec]:
+        """The configured tenants, plain `api_keys` included (as `key1`, `key2`, ...)."""
+        keys = [TenantSpec(name=f"key{i}", key=key) for i, key in enumerate(self.api_keys, 1)]
+        return [*self.tenants, *keys]
+
+    def tenant_weights(self) -> dict[str, float]:
+        return {tenant.name: tenant.weight for tenant in self.all_tenants()}
 
     @model_validator(mode="after")
     def _llm_classifier(self) -> Settings:

@@ -18,6 +18,7 @@ from r3_service.engine.admission import Admission, admit, demand
 from r3_service.engine.backends import RewardBackend, build_backends
 from r3_service.engine.observe import observe
 from r3_service.engine.pool import ModelPool, describe_model
+from r3_service.engine.queueing import TENANT
 from r3_service.engine.resolve import RawItem, Resolver
 from r3_service.metrics import Metrics
 from r3_service.models.embedding import Pooling
@@ -42,6 +43,7 @@ class RewardEngine:
         self.store = store
         self.metrics = metrics or Metrics()
         self.metrics.watch_store(store.stats)
+        self.metrics.watch_cache(store.memory.cache)
         self.pool = ModelPool(settings, self.metrics)
         self.backends, self._queues = build_backends(settings, self.pool)
         needed = any(backend.uses_query_type for backend in self.backends.values())
@@ -53,8 +55,9 @@ class RewardEngine:
 
     @classmethod
     def from_settings(cls, settings: Settings, metrics: Metrics | None = None) -> RewardEngine:
-        store = QueryStore(MemoryStore(settings.memory_store_size), settings.redis_url,
-                           timeout_s=settings.redis_timeout_ms / 1000, retry_s=settings.redis_retry_s)
+        memory = MemoryStore(settings.memory_store_size, settings.memory_store_bytes)
+        store = QueryStore(memory, settings.redis_url, timeout_s=settings.redis_timeout_ms / 1000,
+                           retry_s=settings.redis_retry_s)
         return cls(settings, store, metrics)
 
     def _classifier(self) -> QueryTypeClassifier:
@@ -97,6 +100,7 @@ class RewardEngine:
         middleware takes before the route runs), admits the request itself: QueueFull before any
         work when it does not fit. The admission is released when the request is answered."""
         admission = admission or self.admit(demand(items), backend)
+        TENANT.set(admission.tenant)  # this request's task: its texts queue under its tenant
         try:
             resolved = await self.resolver.resolve(items, classify=backend.uses_query_type)
             results = await backend.score(resolved)
@@ -105,12 +109,12 @@ class RewardEngine:
         observe(self.metrics, backend.name, resolved, results)
         return results
 
-    def admit(self, texts: Collection[str], backend: RewardBackend) -> Admission:
-        """Hold the tokens of `texts` (a request's `demand`) on each model queue of `backend`, or
-        raise QueueFull.
+    def admit(self, texts: Collection[str], backend: RewardBackend, tenant: str = "") -> Admission:
+        """Hold the tokens of `texts` (a request's `demand`) on each model queue of `backend` for
+        `tenant` (an API key's name), or raise QueueFull.
         The classifier's queue is not charged: what it embeds (queries of unknown type) is
         already counted on the backend's own queues."""
-        return admit(self._queues[backend.name], texts)
+        return admit(self._queues[backend.name], texts, tenant)
 
     def info(self) -> dict[str, object]:
         return {
@@ -123,7 +127,8 @@ class RewardEngine:
             "query_type_classifier": self.classifier.id if self.classifier is not None else None,
             "store": self.store.kind,
             "batching": {"max_wait_ms": self.settings.max_wait_ms,
-                         "embedding_cache_size": self.settings.embedding_cache_size},
+                         "embedding_cache_size": self.settings.embedding_cache_size,
+                         "embedding_cache_bytes": self.settings.embedding_cache_bytes},
         }
 
     def models(self) -> list[dict[str, object]]:

@@ -89,6 +89,17 @@ class ModelPool:
         self.schedulers: dict[tuple[object, ...], BatchScheduler] = {}
         metrics.queue_depth.set_function(lambda: sum(s.queued for s in self.schedulers.values()))
         metrics.admitted_tokens.set_function(lambda: sum(s.held for s in self.schedulers.values()))
+        metrics.watch_tenants(settings.tenant_weights(), self._tenant_depths)
+
+    def _tenant_depths(self) -> dict[str, tuple[int, int]]:
+        """Per tenant: texts waiting for a batch and tokens held, summed over models."""
+        depths: dict[str, tuple[int, int]] = {}
+        for scheduler in self.schedulers.values():
+            for tenant in {*scheduler.shares.held, *self.settings.tenant_weights()}:
+                queued, held = depths.get(tenant, (0, 0))
+                depths[tenant] = (queued + scheduler.queued_by(tenant),
+                                  held + scheduler.shares.held.get(tenant, 0))
+        return depths
 
     def embedding(self, name: str, normalize: bool | None, pooling: Pooling = "mean") -> BatchScheduler:
         """`mean`: the sentence embedding; another pooling is a view of the same loaded weights
@@ -113,9 +124,12 @@ class ModelPool:
         if key not in self.schedulers:
             model = load()
             s = self.settings
-            self.schedulers[key] = BatchScheduler(model, batch_limits(s, model), self.metrics,
-                                                  cache_size=s.embedding_cache_size,
-                                                  tokenizer_threads=s.tokenizer_threads)
+            name = ":".join(str(part) for part in key if part is not None)
+            scheduler = BatchScheduler(model, batch_limits(s, model), self.metrics, name=name,
+                                       cache_size=s.embedding_cache_size, cache_bytes=s.embedding_cache_bytes,
+                                       tokenizer_threads=s.tokenizer_threads, weights=s.tenant_weights())
+            self.metrics.watch_cache(scheduler.cache)
+            self.schedulers[key] = scheduler
         return self.schedulers[key]
 
     def start(self) -> None:

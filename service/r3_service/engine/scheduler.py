@@ -17,22 +17,18 @@ import os
 import sys
 import threading
 import time
-from collections import OrderedDict, deque
-from collections.abc import Hashable, Sequence
+from collections.abc import Hashable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import suppress
-from dataclasses import dataclass, field
 
 import torch
 
+from r3_service.caches import LruCache, text_bytes
+from r3_service.engine.queueing import TENANT, BatchLimits, Entry, FairQueue, Shares
 from r3_service.metrics import Metrics
 from r3_service.models.base import BatchModel
 
 log = logging.getLogger(__name__)
-
-
-# A text shorter than this fraction of its batch's longest waits for a batch of its own length.
-MIN_FILL = 0.6
 
 
 # Nice value of the model and tokenizer threads (and of the BLAS/OpenMP workers they start).
@@ -57,126 +53,34 @@ class QueueFull(Exception):
         self.retry_after_s = retry_after_s
 
 
-class OutputCache:
-    """LRU of input → output row, for inputs that recur (queries and references)."""
-
-    def __init__(self, capacity: int) -> None:
-        self.capacity = capacity
-        self._rows: OrderedDict[Hashable, torch.Tensor] = OrderedDict()
-
-    def __len__(self) -> int:
-        return len(self._rows)
-
-    def __contains__(self, key: Hashable) -> bool:
-        return key in self._rows
-
-    def get(self, key: Hashable) -> torch.Tensor | None:
-        row = self._rows.get(key)
-        if row is not None:
-            self._rows.move_to_end(key)
-        return row
-
-    def put(self, key: Hashable, row: torch.Tensor) -> None:
-        if self.capacity <= 0:
-            return
-        self._rows[key] = row
-        self._rows.move_to_end(key)
-        if len(self._rows) > self.capacity:
-            self._rows.popitem(last=False)
+def output_cache(name: str, max_entries: int, max_bytes: int) -> LruCache[Hashable, torch.Tensor]:
+    """LRU of input → output row, for inputs that recur (queries and references). A row is put
+    as a copy of its own: a view would keep its whole batch's output alive."""
+    return LruCache(name, max_entries=max_entries, max_bytes=max_bytes,
+                    sizeof=lambda key, row: input_bytes(key) + row.nbytes + TENSOR_BYTES)
 
 
-@dataclass(eq=False)
-class _Entry:
-    """One distinct input in flight, shared by every request waiting for it."""
-
-    input: Hashable
-    future: asyncio.Future[torch.Tensor]
-    cacheable: bool
-    waiters: int = 1
-    ids: list[int] = field(default_factory=list)
-    ready_at: float = 0.0
-    taken: bool = False  # left the ready queue (batched or dropped)
+# A CPU tensor's Python object, TensorImpl and storage, beside its data.
+TENSOR_BYTES = 400
 
 
-class ReadyQueue:
-    """Tokenised texts waiting for a batch, bucketed by length so a batch is formed in
-    O(batch + distinct lengths), however deep the queue. Texts whose clients all left are
-    dropped when met (lazily), not searched for."""
-
-    def __init__(self) -> None:
-        self._buckets: dict[int, deque[_Entry]] = {}  # length -> entries, oldest first
-        self._arrivals: deque[_Entry] = deque()  # every entry, oldest first (lazy deletion)
-        self.count = 0
-        self.tokens = 0
-
-    def add(self, entries: list[_Entry]) -> None:
-        for entry in entries:
-            self._buckets.setdefault(len(entry.ids), deque()).append(entry)
-            self._arrivals.append(entry)
-            self.count += 1
-            self.tokens += len(entry.ids)
-
-    def oldest(self) -> _Entry | None:
-        """The oldest text someone still waits for."""
-        while self._arrivals and (self._arrivals[0].taken or self._arrivals[0].waiters <= 0):
-            self._arrivals.popleft()
-        return self._arrivals[0] if self._arrivals else None
-
-    def take(self, limits: BatchLimits, abandoned: list[_Entry]) -> list[_Entry]:
-        """The oldest text and those closest to it in length, within the padded-token budget and
-        no shorter than MIN_FILL of the longest. Texts nobody waits for go to `abandoned`."""
-        anchor = self.oldest()
-        if anchor is None:  # only abandoned texts are left
-            for length in list(self._buckets):
-                while length in self._buckets:
-                    abandoned.append(self._pop(length))
-            return []
-        anchor_length = len(anchor.ids)
-        batch: list[_Entry] = []
-        longest = shortest = anchor_length
-        for length in sorted(self._buckets, key=lambda n: abs(math.log(n / anchor_length))):
-            wider_longest, wider_shortest = max(longest, length), min(shortest, length)
-            if batch and wider_shortest < MIN_FILL * wider_longest:
-                break
-            while length in self._buckets:
-                if self._buckets[length][0].waiters <= 0:
-                    abandoned.append(self._pop(length))
-                    continue
-                if batch and (len(batch) >= limits.max_size
-                              or (len(batch) + 1) * wider_longest > limits.max_tokens):
-                    return batch
-                batch.append(self._pop(length))
-                longest, shortest = wider_longest, wider_shortest
-        return batch
-
-    def _pop(self, length: int) -> _Entry:
-        bucket = self._buckets[length]
-        entry = bucket.popleft()
-        if not bucket:
-            del self._buckets[length]
-        entry.taken = True
-        self.count -= 1
-        self.tokens -= length
-        return entry
-
-
-@dataclass(frozen=True)
-class BatchLimits:
-    max_tokens: int  # padded tokens per forward
-    max_size: int  # sequences per forward
-    max_wait_s: float  # how long an idle model waits for a fuller batch
-    max_queue_tokens: int  # tokens admitted requests may still embed
+def input_bytes(key: Hashable) -> int:
+    """A text, or a (query, response) pair of texts."""
+    return sum(map(text_bytes, key)) + 64 if isinstance(key, tuple) else text_bytes(key)  # type: ignore[arg-type]
 
 
 class BatchScheduler:
-    def __init__(self, model: BatchModel, limits: BatchLimits, metrics: Metrics, *,
-                 cache_size: int, tokenizer_threads: int = 2) -> None:
+    def __init__(self, model: BatchModel, limits: BatchLimits, metrics: Metrics, *, cache_size: int,
+                 cache_bytes: int = 128 << 20, tokenizer_threads: int = 2, name: str = "model",
+                 weights: Mapping[str, float] | None = None) -> None:
         self.model = model
         self.limits = limits
         self.metrics = metrics
-        self.cache = OutputCache(cache_size)
-        self._pending: dict[Hashable, _Entry] = {}  # queued, tokenising or computing
-        self._ready = ReadyQueue()  # tokenised, waiting for a batch
+        self.name = name
+        self.cache = output_cache(name, cache_size, cache_bytes)
+        self.shares = Shares(limits.max_queue_tokens, weights or {})
+        self._pending: dict[Hashable, Entry] = {}  # queued, tokenising or computing
+        self._ready = FairQueue(weights or {})  # tokenised, waiting for a batch
         self._wake = asyncio.Event()
         self._model_thread = ThreadPoolExecutor(1, thread_name_prefix="r3-model", initializer=yield_cpu)
         self._tokenizers = ThreadPoolExecutor(tokenizer_threads, thread_name_prefix="r3-tokenize",
@@ -184,7 +88,6 @@ class BatchScheduler:
         self._admissions: set[asyncio.Task[None]] = set()
         self._task: asyncio.Task[None] | None = None
         self._tokens_per_s = 0.0  # moving average, for Retry-After
-        self._held = 0  # tokens admitted requests may still embed (the queue bound's measure)
 
     @property
     def queued(self) -> int:
@@ -204,27 +107,36 @@ class BatchScheduler:
 
     @property
     def held(self) -> int:
-        return self._held
+        """Tokens admitted requests may still embed (the queue bound's measure)."""
+        return self.shares.total
 
-    def hold(self, tokens: int) -> None:
-        """Admit a request that will embed `tokens` tokens, or raise QueueFull at once.
+    def hold(self, tokens: int, tenant: str = "") -> None:
+        """Admit a request of `tenant` that will embed `tokens` tokens, or raise QueueFull at once.
 
         Callers hold before any of a request's work and `release` when it is answered, so the
-        bound counts the work of requests in flight and a refusal costs next to nothing. Nothing
-        held admits any request, so one larger than the bound is slow, not refused."""
-        if self._held and self._held + tokens > self.limits.max_queue_tokens:
+        bound counts the work of requests in flight and a refusal costs next to nothing. The
+        bound is shared between tenants by weight (`Shares`); a tenant holding nothing is
+        admitted, so one request larger than the bound is slow, not refused."""
+        if not self.shares.admits(tenant, tokens):
             self.metrics.rejected.inc()
-            raise QueueFull(self._held, self.limits.max_queue_tokens, self._retry_after(tokens))
-        self._held += tokens
+            self.metrics.tenant_rejected.labels(tenant).inc()
+            raise QueueFull(self.shares.total, self.limits.max_queue_tokens, self._retry_after(tokens))
+        self.shares.hold(tenant, tokens)
+        self.metrics.tenant_admitted_tokens.labels(tenant).inc(tokens)
 
-    def release(self, tokens: int) -> None:
-        self._held -= tokens
+    def release(self, tokens: int, tenant: str = "") -> None:
+        self.shares.release(tenant, tokens)
+
+    def queued_by(self, tenant: str) -> int:
+        """Texts of `tenant` waiting for a batch."""
+        return self._ready.depth(tenant)
 
     async def run(self, inputs: Sequence[Hashable], cacheable: Sequence[bool]) -> torch.Tensor:
         """Output rows of distinct `inputs`, in order (the caller holds them with `hold`)."""
         out = torch.empty(len(inputs), self.model.info.dim)
-        waiting: list[tuple[int, _Entry]] = []
-        new: list[_Entry] = []
+        waiting: list[tuple[int, Entry]] = []
+        new: list[Entry] = []
+        tenant = TENANT.get()
         loop = asyncio.get_running_loop()
         hits = misses = 0
         for index, (key, keep) in enumerate(zip(inputs, cacheable, strict=True)):
@@ -236,7 +148,7 @@ class BatchScheduler:
             misses += keep
             entry = self._pending.get(key)
             if entry is None:
-                entry = self._pending[key] = _Entry(key, loop.create_future(), keep)
+                entry = self._pending[key] = Entry(key, loop.create_future(), keep, tenant=tenant)
                 new.append(entry)
             else:
                 self.metrics.dedup.inc()
@@ -261,14 +173,14 @@ class BatchScheduler:
             if count:
                 self.metrics.cache.labels(outcome).inc(count)
 
-    def _admit(self, entries: list[_Entry]) -> None:
+    def _admit(self, entries: list[Entry]) -> None:
         """Tokenise off the event loop in a task of its own, so a cancelled request cannot
         strand entries other requests share."""
         task = asyncio.get_running_loop().create_task(self._tokenize(entries))
         self._admissions.add(task)
         task.add_done_callback(self._admissions.discard)
 
-    async def _tokenize(self, entries: list[_Entry]) -> None:
+    async def _tokenize(self, entries: list[Entry]) -> None:
         loop = asyncio.get_running_loop()
         try:
             sequences = await loop.run_in_executor(self._tokenizers, self.model.tokenize,
@@ -304,7 +216,7 @@ class BatchScheduler:
             for entry, row in zip(batch, rows, strict=True):
                 self._pending.pop(entry.input, None)
                 if entry.cacheable:
-                    self.cache.put(entry.input, row)
+                    self.cache.put(entry.input, row.clone())
                 if not entry.future.done():
                     entry.future.set_result(row)
 
@@ -329,10 +241,10 @@ class BatchScheduler:
             except TimeoutError:
                 return
 
-    def _take_batch(self) -> list[_Entry]:
+    def _take_batch(self) -> list[Entry]:
         """First come, first served, while padding stays small (on the CPU padding is the main
         waste; on a GPU a launch is cheap). Sorted longest first: padded to the first."""
-        abandoned: list[_Entry] = []
+        abandoned: list[Entry] = []
         batch = self._ready.take(self.limits, abandoned)
         if abandoned:
             for entry in abandoned:
@@ -355,7 +267,7 @@ class BatchScheduler:
             half = len(sequences) // 2
             return torch.cat([self._forward(sequences[:half]), self._forward(sequences[half:])])
 
-    def _observe_batch(self, batch: list[_Entry]) -> None:
+    def _observe_batch(self, batch: list[Entry]) -> None:
         now = time.monotonic()
         real = sum(len(e.ids) for e in batch)
         self.metrics.batch_size.observe(len(batch))
@@ -364,7 +276,7 @@ class BatchScheduler:
         for entry in batch:
             self.metrics.queue_wait_seconds.observe(now - entry.ready_at)
 
-    def _fail(self, entries: list[_Entry], error: BaseException) -> None:
+    def _fail(self, entries: list[Entry], error: BaseException) -> None:
         for entry in entries:
             self._pending.pop(entry.input, None)
             if not entry.future.done():
@@ -374,4 +286,4 @@ class BatchScheduler:
     def _retry_after(self, extra: int) -> int:
         """Seconds until the held tokens and `extra` are cleared at the measured rate."""
         rate = self._tokens_per_s or 5000.0
-        return max(1, math.ceil((self._held + extra) / rate))
+        return max(1, math.ceil((self.shares.total + extra) / rate))

@@ -123,7 +123,9 @@ class EmbeddingModel:
         every_layer = self.pooling == "layers"
         if self.packed is not None:  # real tokens only (models/packed.py): the same numbers
             states, layout = self.packed.hidden_states(sequences, self.device, every_layer=every_layer)
-            means = [mean_pool(state, layout) for state in states[1 if every_layer else 0 :]]
+            # (the filler sequence packing adds is the last row: dropped)
+            means = [mean_pool(state, layout)[: len(sequences)]
+                     for state in states[1 if every_layer else 0 :]]
         else:
             means = self._padded_means(sequences, every_layer)
         if every_layer:

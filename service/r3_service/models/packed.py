@@ -53,6 +53,12 @@ class Layout:
         return Layout(lengths.to(device), sequence.to(device), position.to(device), runs)
 
 
+# Token rows come in multiples of this: the matrix products meet a few dozen shapes instead of
+# one per batch. oneDNN keeps a primitive (and, in bf16, a reordered copy of the weights) per
+# shape: per batch size that was ~0.7 MB a shape, 1,024 of them, and a new primitive every batch.
+ROW_BUCKET = 64
+
+
 class PackedBert:
     """Runs a Hugging Face `BertModel` on packed tokens. Returns hidden states (tokens, hidden)
     after every layer, the input embeddings first, as `output_hidden_states` would."""
@@ -75,9 +81,13 @@ class PackedBert:
 
     def hidden_states(self, sequences: list[list[int]], device: torch.device,
                       every_layer: bool = False) -> tuple[list[torch.Tensor], Layout]:
-        """(hidden states, layout): the last layer's only, or every layer's with `every_layer`."""
-        layout = Layout.of(sequences, device)
-        ids = torch.tensor([t for s in sequences for t in s], dtype=torch.long, device=device)
+        """(hidden states, layout): the last layer's only, or every layer's with `every_layer`.
+        The rows are padded to a multiple of ROW_BUCKET by one filler sequence after the others
+        (its own attention block, so theirs are untouched): pooled, it is the last row, to drop."""
+        filler = -sum(map(len, sequences)) % ROW_BUCKET
+        rows = [*sequences, [0] * filler] if filler else sequences
+        layout = Layout.of(rows, device)
+        ids = torch.tensor([t for s in rows for t in s], dtype=torch.long, device=device)
         embeddings = self.model.embeddings
         hidden = (embeddings.word_embeddings(ids) + embeddings.position_embeddings(layout.position)
                   + embeddings.token_type_embeddings.weight[0])

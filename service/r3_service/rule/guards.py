@@ -32,6 +32,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from r3_service.caches import memoized, text_bytes
 from r3_service.rule.features import word_tokens
 
 INPUT_MARKER = "### Input:"
@@ -109,7 +110,13 @@ class Tokenised:
         return self.text[self.spans[indices[0]][0]:self.spans[indices[-1]][1]]
 
 
-@functools.lru_cache(maxsize=1024)
+def _tokenised_bytes(split: Tokenised) -> int:
+    """About what a split holds: its text and tokens, and a span, a sentence index and list
+    slots (~150 bytes) a token."""
+    return text_bytes(split.text) + sum(map(text_bytes, split.tokens)) + 150 * len(split.tokens)
+
+
+@memoized("guards.tokenise", max_entries=1024, max_bytes=32 << 20, sizeof=_tokenised_bytes)
 def tokenise(text: str) -> Tokenised:
     """Sentences (cut after . ! ? before whitespace, and at line breaks) and word tokens; the
     tokens are exactly `features.word_tokens(text)`. Cached (read only): the rule, the detectors
@@ -261,7 +268,13 @@ class QueryView:
     asks_for_questions: bool
 
 
-@functools.lru_cache(maxsize=4096)
+def _query_view_bytes(view: QueryView) -> int:
+    """About what a view holds: ~140 bytes a 4-gram (a tuple and its set slot), ~80 a stem or word."""
+    grams = sum(len(part.grams) + len(part.exempt) for part in view.parts)
+    return 140 * grams + 80 * (len(view.stems) + len(view.words))
+
+
+@memoized("guards.query_view", max_entries=4096, max_bytes=32 << 20, sizeof=_query_view_bytes)
 def query_view(query: str, reference: str | None, params: GuardParams) -> QueryView:
     reference_tokens = word_tokens(reference) if reference else []
     instruction, _, section = query.partition(INPUT_MARKER)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from urllib.parse import urlsplit, urlunsplit
@@ -20,37 +19,36 @@ from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 from redis.retry import Retry
 
+from r3_service.caches import LruCache, text_bytes
 from r3_service.rule.datasets import QueryRecord
 from r3_service.store.records import READ_FIELDS, fields_to_record, record_to_fields, stale_fields
 
 log = logging.getLogger(__name__)
 
 
-class MemoryStore:
-    """A bounded LRU map of key → record, living in the service process."""
+# A record object with its four slots and the float, beside its reference text.
+RECORD_BYTES = 120
 
-    def __init__(self, capacity: int) -> None:
+
+class MemoryStore:
+    """A bounded LRU map of key → record, living in the service process (bounded in records
+    and in bytes: a record holds its reference answer, which may be long)."""
+
+    def __init__(self, capacity: int, max_bytes: int = 64 << 20) -> None:
         self.capacity = capacity
-        self._records: OrderedDict[str, QueryRecord] = OrderedDict()
+        self.cache: LruCache[str, QueryRecord] = LruCache(
+            "store", max_entries=capacity, max_bytes=max_bytes,
+            sizeof=lambda key, record: text_bytes(key) + text_bytes(record.reference) + RECORD_BYTES)
 
     def __len__(self) -> int:
-        return len(self._records)
+        return len(self.cache)
 
     def get_many(self, keys: Sequence[str]) -> list[QueryRecord | None]:
-        found = []
-        for key in keys:
-            record = self._records.get(key)
-            if record is not None:
-                self._records.move_to_end(key)
-            found.append(record)
-        return found
+        return [self.cache.get(key) for key in keys]
 
     def put_many(self, items: Sequence[tuple[str, QueryRecord]]) -> None:
         for key, record in items:
-            self._records[key] = record
-            self._records.move_to_end(key)
-        while len(self._records) > self.capacity:
-            self._records.popitem(last=False)
+            self.cache.put(key, record)
 
 
 def redact_url(url: str) -> str:
