@@ -1,5 +1,6 @@
-"""Admission depends on the request alone: its distinct texts, each charged a lower bound of its
-tokens, held on the queues of the backend it names. Whatever came before — a smoke test of tiny
+"""Admission depends on the request alone: its distinct texts (on a reward model, its distinct
+(query, response) pairs), each charged a lower bound of its tokens, held on the queues of the
+backend it names. Whatever came before — a smoke test of tiny
 texts, long answers, hostile input — a rollout batch the service can clear is queued, and an
 overload is refused before any admitted work finishes."""
 
@@ -17,8 +18,9 @@ import pytest
 import yaml
 
 from conftest import DATA, ServiceProcess, save_tiny_bert, start_service
-from r3_service.engine.admission import charge, demand, words
+from r3_service.engine.admission import charge, charge_pairs, demand, words
 from r3_service.engine.resolve import RawItem
+from r3_service.models.reward_model import RewardModel
 from r3_tools.loadgen import history_bodies, make_pairs, post_plain, send_history
 
 
@@ -126,6 +128,44 @@ def test_a_request_is_charged_by_its_distinct_texts() -> None:
     assert demand([closed]) == {"The cat", "The cat."}
     unknown = RawItem("Fix: teh cat", "The cat", "The cat.", None)
     assert demand([unknown]) == {"Fix: teh cat", "The cat", "The cat."}
+    assert demand([*group, closed, unknown]).pairs == {  # what a reward model reads
+        ("Name a prime.", f"{n} is prime.") for n in (2, 3, 5, 7)} | {("Fix: teh cat", "The cat")}
+
+
+# ---------------------------------------------------------------- a reward model reads pairs
+
+
+@pytest.fixture(scope="module")
+def reward_model(tmp_path_factory: pytest.TempPathFactory) -> RewardModel:
+    """A sequence classifier (BERT, 512 tokens) with the packaged MiniLM's WordPiece tokenizer."""
+    path = save_tiny_bert(tmp_path_factory.mktemp("rm"), "BertForSequenceClassification", num_labels=1)
+    return RewardModel(str(path), device="cpu")
+
+
+def test_a_pair_is_charged_no_more_than_the_tokens_the_reward_model_reads(reward_model: RewardModel) -> None:
+    """Every (query, answer) of the shipped data, and odd texts on either side: charged no more than
+    the tokens of the pair as the reward model tokenises it (one input, truncated once)."""
+    records = json.loads(DATA.read_text())
+    real = [(r["input"], r["output"]) for r in records if r["output"]]
+    exact, charged = {}, {}
+    for pair in [*real, *((a, b) for a in ODD_TEXTS for b in ODD_TEXTS[::3])]:
+        exact[pair] = len(reward_model.tokenize([pair])[0])
+        charged[pair] = charge_pairs([pair], reward_model.info)
+        assert charged[pair] <= exact[pair], (pair[0][:40], pair[1][:40], charged[pair], exact[pair])
+    ratio = sum(exact[p] for p in real) / sum(charged[p] for p in real)
+    assert 1.0 <= ratio <= 1.6, ratio
+
+
+def test_a_pair_over_the_length_is_charged_the_length_once(reward_model: RewardModel) -> None:
+    """Its query and response each near the model's length: the model reads 512 tokens of the pair,
+    and that is the charge; charged text by text it was twice that, above what the model reads."""
+    info = reward_model.info
+    query, response = "word " * 400, "answer " * 400
+    [exact] = reward_model.tokenize([(query, response)])
+    assert charge_pairs([(query, response)], info) == len(exact) == info.max_length == 512
+    assert charge([query, response], info) == 2 * (400 + info.special_tokens) > len(exact)
+    group = demand([RawItem(query, response), RawItem(query, "other " * 400)])
+    assert charge_pairs(group.pairs, info) == 2 * 512  # two inputs, one per response
 
 
 # ---------------------------------------------------------------- every backend, in process
@@ -133,24 +173,27 @@ def test_a_request_is_charged_by_its_distinct_texts() -> None:
 
 @pytest.fixture(scope="module")
 def two_models(tmp_path_factory: pytest.TempPathFactory) -> Iterator:
-    """A deployment whose second backend runs on a model of its own (a tiny BERT)."""
+    """A deployment whose second backend runs on a model of its own (a tiny BERT), and a third on a
+    reward model (another)."""
     from conftest import in_process
 
     folder = tmp_path_factory.mktemp("two-models")
     tiny = save_tiny_bert(folder / "tiny")
     config = folder / "deployment.yaml"
+    reward_model = save_tiny_bert(folder / "rm", "BertForSequenceClassification", num_labels=1)
     config.write_text(yaml.safe_dump({"default_backend": "r3", "backends": {
         "r3": {"kind": "r3", "preset": "r3"},
         "tiny": {"kind": "r3", "preset": "r3", "model": str(tiny)},
+        "rm": {"kind": "hf-reward-model", "model": str(reward_model)},
     }}))
     with in_process(config=str(config)) as client:
         yield client
 
 
-def hog(engine, backend: str):
+def hog(engine, backend: str | None, tenant: str = ""):
     """An admission past the bound of `backend`'s queue (2,000 texts of the model's full length)."""
     texts = [f"text {i} " + "word " * 600 for i in range(2000)]
-    return engine.admit(texts, engine.backend(backend))
+    return engine.admit(texts, engine.backend(backend), tenant)
 
 
 @pytest.mark.parametrize("path, body, params", [
@@ -175,6 +218,15 @@ def test_every_backend_is_admitted_on_its_own_queues(two_models, path: str, body
     assert two_models.post(path, json=body, params=params).status_code == 200
 
 
+def test_a_reward_model_queue_holds_the_pairs_and_an_embedding_queue_the_texts(two_models) -> None:
+    engine = two_models.app.state.engine
+    long = [RawItem("word " * 400, "answer " * 400), RawItem("word " * 400, "other " * 400)]
+    for backend, held in (("rm", 2 * 512), ("tiny", 3 * 402)):  # the tiny BERT reads 512 tokens
+        admission = engine.admit(demand(long), engine.backend(backend))
+        assert admission.tokens == held, backend
+        admission.release()
+
+
 def test_invalid_bodies_keep_their_answers_while_the_queue_is_full(app_client) -> None:
     """A full queue does not turn a 400, 413 or 422 into a 429: the route still answers them."""
     engine = app_client.app.state.engine
@@ -193,6 +245,43 @@ def test_invalid_bodies_keep_their_answers_while_the_queue_is_full(app_client) -
         assert app_client.post("/reward", json=valid).status_code == 429
     finally:
         held.release()
+
+
+def test_refusals_are_counted_in_metrics(app_client) -> None:
+    """Answered before the routes, a 429 is still counted: per endpoint and status, and as a refusal."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    def counts() -> tuple[float, float]:
+        families = {f.name: f for f in text_string_to_metric_families(app_client.get("/metrics").text)}
+        requests = sum(s.value for s in families["r3_requests"].samples if s.name == "r3_requests_total"
+                       and s.labels == {"endpoint": "/reward", "status": "429"})
+        return requests, sum(s.value for s in families["r3_queue_rejections"].samples
+                             if s.name == "r3_queue_rejections_total")
+
+    engine = app_client.app.state.engine
+    before = counts()
+    held = hog(engine, None)
+    try:
+        refused = app_client.post("/reward", json={"items": [{"query": "q", "response": "r"}]})
+    finally:
+        held.release()
+    assert refused.status_code == 429
+    assert [after - earlier for after, earlier in zip(counts(), before, strict=True)] == [1, 1]
+
+
+def test_a_request_without_a_key_is_401_never_429() -> None:
+    """Keys are checked before admission: a full queue tells no one without a key anything."""
+    from conftest import in_process
+
+    with in_process(api_keys="the-key") as client:
+        held = hog(client.app.state.engine, None, "key1")  # the tenant of the key
+        try:
+            body = {"items": [{"query": "q", "response": "r"}]}
+            assert client.post("/reward", json=body).status_code == 401
+            keyed = client.post("/reward", json=body, headers={"Authorization": "Bearer the-key"})
+            assert keyed.status_code == 429
+        finally:
+            held.release()
 
 
 # ---------------------------------------------------------------- a real server, any history

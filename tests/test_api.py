@@ -9,14 +9,16 @@ from pathlib import Path
 
 import httpx
 import pytest
-from fastapi import HTTPException
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
-from starlette.types import Message, Receive, Scope, Send
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.types import Message
 
 from conftest import app_settings, in_process, start_service
 from r3_service.api.app import create_app
-from r3_service.api.middleware import BodyLimit
+from r3_service.api.middleware import read_body
+from r3_service.api.routes import SCORING
 from r3_service.rule.reward import PRESETS
 
 
@@ -226,6 +228,34 @@ def test_validation_errors_do_not_echo_the_input(app_client: TestClient) -> None
 BLUE = {"query": "Name a primary colour.", "response": "Blue.", "reference": "Blue.", "query_type": "closed"}
 
 
+@pytest.mark.parametrize("path, body", [
+    ("/reward", {"items": [{"query": "q", "response": "r"}], "return_components": True}),
+    ("/get_reward", {"query": ["USER: a ASSISTANT: b"]}),
+    ("/slime", {"prompt": "q", "response": "r"}),
+])
+def test_each_body_is_parsed_validated_and_prepared_once(app_client: TestClient, path: str, body: dict,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """The admission middleware prepares a scoring body; the route scores what it prepared, and
+    FastAPI takes the validated body back instead of reading the JSON again."""
+    schema, prepare = SCORING[path]
+    prepared = []
+
+    def counted(*args: object) -> object:
+        prepared.append(args[0])
+        return prepare(*args)  # type: ignore[arg-type]
+
+    async def parsed_again(self: Request) -> None:
+        raise AssertionError("FastAPI parsed the body again")
+
+    monkeypatch.setitem(SCORING, path, (schema, counted))
+    monkeypatch.setattr(Request, "json", parsed_again)
+    got = app_client.post(path, json=body)
+    assert got.status_code == 200, got.text
+    assert len(prepared) == 1 and isinstance(prepared[0], schema)
+    if path == "/reward":
+        assert got.json()["components"] is not None  # the route reads the validated body
+
+
 def test_get_reward_contract(app_client: TestClient) -> None:
     prompt = "USER: Name a primary colour. ASSISTANT:"
     body = {"query": [prompt + " Red is a primary colour.", prompt + " Blue.", prompt + " Yellow."],
@@ -298,25 +328,17 @@ def test_body_limit_by_length_and_without_one(configured_app: TestClient) -> Non
 
 async def test_the_body_limit_counts_every_chunk_and_stops_reading_at_the_limit() -> None:
     """The test client hands a streamed body over in one piece; a server, chunk by chunk."""
-    read: list[int] = []
-
-    async def route(scope: Scope, receive: Receive, send: Send) -> None:
-        while (message := await receive())["more_body"]:
-            read.append(len(message["body"]))
-
-    body = iter([*({"type": "http.request", "body": b"x" * 5_000, "more_body": True} for _ in range(10)),
-                 {"type": "http.request", "body": b"", "more_body": False}])
+    chunks = [*({"type": "http.request", "body": b"x" * 5_000, "more_body": True} for _ in range(10)),
+              {"type": "http.request", "body": b"", "more_body": False}]
+    read: list[Message] = []
 
     async def receive() -> Message:
-        return next(body)
-
-    async def send(message: Message) -> None:
-        raise AssertionError(f"the limit answers through the app's error handler, not {message}")
+        read.append(chunks[len(read)])
+        return read[-1]
 
     with pytest.raises(HTTPException) as refused:
-        await BodyLimit(route, max_bytes=20_000)({"type": "http", "path": "/reward", "headers": []},
-                                                 receive, send)
-    assert refused.value.status_code == 413 and read == [5_000] * 4
+        await read_body({"type": "http", "path": "/reward", "headers": []}, receive, 20_000)
+    assert refused.value.status_code == 413 and len(read) == 5  # the chunk that passed it, no more
 
 
 def test_configured_chat_template_adds_stop_strings(configured_app: TestClient) -> None:

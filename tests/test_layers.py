@@ -1,6 +1,7 @@
 """The layering of the code, read from its imports.
 
-Bottom to top: r3_client (imports nothing of r3); the rule (`r3_service.rule`, pure Python) with
+Bottom to top: r3_client and `memory` (the bounded caches and the C allocator's account: standard
+library only) import nothing of r3; the rule (`r3_service.rule`, pure Python) with
 `metrics` beside it; `settings` (imports only the rule); store; models and qtype; engine; api;
 the service's cli; r3_tools and r3_trainer on top (the trainer imports only the rule and the
 client). A module imports its own layer or lower ones, and no chain of imports comes back to
@@ -21,7 +22,7 @@ PACKAGES = {"r3_client": ROOT / "client", "r3_service": ROOT / "service", "r3_to
 # Bottom first; the layers of one row are side by side. A module belongs to the layer of the
 # longest prefix naming it; `r3_service` itself (its __init__, the version) only by its name.
 LAYERS: list[dict[str, tuple[str, ...]]] = [
-    {"client": ("r3_client",)},
+    {"client": ("r3_client",), "memory": ("r3_service.caches", "r3_service.allocator")},
     {"service package": ("r3_service",), "rule": ("r3_service.rule",), "metrics": ("r3_service.metrics",)},
     {"settings": ("r3_service.settings",)},
     {"store": ("r3_service.store",)},
@@ -34,9 +35,10 @@ LAYERS: list[dict[str, tuple[str, ...]]] = [
 # Layers that may import only these (themselves included), whatever sits below them.
 ONLY = {
     "client": {"client"},
+    "memory": {"memory"},
     "service package": {"service package", "client"},
-    "rule": {"rule"},
-    "metrics": {"metrics", "client"},
+    "rule": {"rule", "memory"},
+    "metrics": {"metrics", "client", "memory"},
     "settings": {"settings", "rule"},
     "trainer": {"trainer", "rule", "client"},
 }

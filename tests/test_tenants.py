@@ -69,6 +69,33 @@ def test_the_next_batch_starts_with_the_tenant_served_least() -> None:
         # and a's texts fill the rest
         assert batch[0] is late and batch[1:] == backlog[4:7]
         assert queue.depth("a") == 13 and queue.depth("b") == 0
+        # while both have texts waiting, a batch is cut at the shared budget: a shorter wait for b
+        shared = BatchLimits(max_tokens=40, max_size=4, max_wait_s=0, max_queue_tokens=10**6,
+                             shared_max_tokens=20)
+        queue.add([entry("b1", "b")])
+        assert [e.input for e in queue.take(shared, [])] == ["b1", "a7"]
+        assert len(queue.take(shared, [])) == 4  # a alone again: the full batch
+    finally:
+        loop.close()
+
+
+def test_a_text_two_jobs_share_waits_in_the_queue_of_the_job_served_least() -> None:
+    loop = asyncio.new_event_loop()
+    try:
+        def entry(name: str, tenant: str) -> Entry:
+            return Entry(name, loop.create_future(), True, ids=[0] * 10, ready_at=1.0, tenant=tenant)
+
+        queue = FairQueue({})
+        limits = BatchLimits(max_tokens=20, max_size=2, max_wait_s=0, max_queue_tokens=10**6)
+        backlog = [entry(f"a{i}", "a") for i in range(10)]
+        queue.add(backlog)
+        queue.take(limits, [])  # a has been served
+        queue.add([entry("b0", "b")])
+        queue.claim(backlog[9], "b")  # b's request needs a's last text (a shared reference)
+        assert backlog[9].tenant == "b" and queue.depth("a") == 7 and queue.depth("b") == 2
+        assert [e.input for e in queue.take(limits, [])] == ["b0", "a9"]
+        queue.claim(backlog[2], "a")  # its own tenant: nothing moves
+        assert queue.depth("a") == 7
     finally:
         loop.close()
 

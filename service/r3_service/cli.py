@@ -30,8 +30,35 @@ def main(argv: list[str] | None = None) -> None:
     app = create_app(settings)
     # One process owns the model; concurrency comes from the event loop, not from workers.
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=level,
+                            access_log=settings.access_log != "off",
                             timeout_graceful_shutdown=settings.shutdown_timeout_s)
+    if settings.access_log == "sampled":  # after uvicorn.Config, which configures its loggers
+        logging.getLogger("uvicorn.access").addFilter(SampledRefusals())
     DrainingServer(config, app, settings.shutdown_timeout_s).run()
+
+
+class SampledRefusals(logging.Filter):
+    """uvicorn's access log with its 429s sampled (R3_ACCESS_LOG=sampled): the first of each second
+    is logged and the rest counted; the next line logged is preceded by how many were left out.
+    A burst of refusals then costs a log record each, not a formatted, written line."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.second, self.skipped = -1, 0
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args  # uvicorn's: client, method, path, HTTP version, status
+        refusal = isinstance(args, tuple) and len(args) == 5 and args[4] == 429
+        if refusal and int(record.created) == self.second:
+            self.skipped += 1
+            return False
+        if self.skipped:
+            logging.getLogger("r3_service").info("%d more 429 answers not in the access log "
+                                                 "(R3_ACCESS_LOG=sampled)", self.skipped)
+            self.skipped = 0
+        if refusal:
+            self.second = int(record.created)
+        return True
 
 
 DRAIN_GRACE_S = 0.5

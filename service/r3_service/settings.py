@@ -40,6 +40,7 @@ DEFAULT_MODEL = "packaged:all-MiniLM-L6-v2"
 PACKAGED_MODEL_RANGE = (0.311, 3.622)
 # Per forward pass when unset: on a GPU, on a CPU.
 GPU_BATCH_TOKENS, CPU_BATCH_TOKENS = 32768, 2048
+CPU_SHARED_BATCH_TOKENS = 512
 GPU_BATCH_SIZE, CPU_BATCH_SIZE = 1024, 256
 
 
@@ -209,6 +210,10 @@ class Settings(BaseSettings):
                                          f"None = {GPU_BATCH_TOKENS} on GPU, {CPU_BATCH_TOKENS} on CPU.")
     max_batch_size: int | None = Field(None, gt=0, description="Sequences per forward; "
                                        f"None = {GPU_BATCH_SIZE} on GPU, {CPU_BATCH_SIZE} on CPU.")
+    shared_batch_tokens: int | None = Field(
+        None, gt=0, description="Padded tokens per forward while several tenants have texts waiting: "
+                                "a shorter batch is a shorter wait for a light job's next text. None = "
+                                f"the full batch on GPU, {CPU_SHARED_BATCH_TOKENS} on CPU.")
     max_wait_ms: float = Field(2.0, ge=0, description="How long an idle model waits for a fuller batch.")
     max_queue_tokens: int | None = Field(
         None, gt=0, description="Tokens admitted per model (requests in flight, each by a lower bound "

@@ -12,11 +12,12 @@ import json
 import os
 import random
 import re
+import socket
 import subprocess
 import sys
 import time
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 from urllib.parse import urlsplit
@@ -99,6 +100,13 @@ def scrape(url: str, headers: dict[str, str] | None = None) -> dict[str, float]:
     return values
 
 
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 def start_server(env: dict[str, str], port: int) -> subprocess.Popen:
     """`r3-serve` on 127.0.0.1:`port` in its own process, returned once /readyz answers 200."""
     process = subprocess.Popen(
@@ -113,6 +121,23 @@ def start_server(env: dict[str, str], port: int) -> subprocess.Popen:
             time.sleep(0.2)
     process.kill()
     raise RuntimeError("r3-serve did not become ready")
+
+
+def start_bare_refuser() -> tuple[subprocess.Popen, str]:
+    """The bare refuser (`r3_tools.bare_refuser`) on a free 127.0.0.1 port in its own process, and
+    its URL, once it accepts connections."""
+    port = free_port()
+    process = subprocess.Popen([sys.executable, "-m", "r3_tools.bare_refuser", "--port", str(port)],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and process.poll() is None:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return process, f"http://127.0.0.1:{port}"
+        except OSError:
+            time.sleep(0.05)
+    process.kill()
+    raise RuntimeError("the bare refuser did not start")
 
 
 # --- request shapes --------------------------------------------------------------------------
@@ -181,6 +206,7 @@ class Workload:
     backend: str | None = None  # a preset name sent with every request; None: the service's default
     seed: int = 0
     data: Path = DATA
+    tag: str = ""  # appended to every query and response (a second job's distinct texts)
     _groups: dict[int, list[Pair]] = field(default_factory=dict)
     _cursor: dict[int, int] = field(default_factory=dict)
 
@@ -195,7 +221,11 @@ class Workload:
     def _take(self, pool: list[Pair], key: int, count: int) -> list[Pair]:
         start = self._cursor.get(key, 0)
         self._cursor[key] = start + count
-        return [pool[(start + i) % len(pool)] for i in range(count)]
+        chosen = [pool[(start + i) % len(pool)] for i in range(count)]
+        if self.tag:  # another job's texts: never the same as this one's
+            chosen = [replace(p, query=f"{p.query} {self.tag}", response=f"{p.response} {self.tag}")
+                      for p in chosen]
+        return chosen
 
     def _group_pool(self, size: int) -> list[Pair]:
         if size not in self._groups:

@@ -4,7 +4,9 @@ Open loop (`--rate R`): request i is due at i/R seconds and its latency counts f
 slow server cannot slow the arrivals down and hide its own queueing (coordinated omission).
 Closed loop (`--users N`): N clients, each sending as soon as its last answer came back.
 Burst (`--burst N`): N requests at once, each on its own plain HTTP/1.1 connection, as a trainer
-sends a whole rollout batch; latency is reported per status (how fast are the 429s?).
+sends a whole rollout batch; latency is reported per status (how fast are the 429s?). `--floor`
+then sends the same burst to a bare refuser (uvicorn, read, orjson parse, 429) in its own process,
+and prints its 429 latencies beside r3's: the floor of this machine and client.
 Requests are drawn from a mix of shapes: N distinct items, `grpoN` (one prompt, N responses)
 and `openrlhf` (one /get_reward sample), from AlpacaFarm pairs. Reports throughput, latency
 percentiles, errors by HTTP status and by exception, as JSON and a PNG over time.
@@ -39,6 +41,7 @@ from r3_tools.loadgen import (
     parse_mix,
     percentiles,
     send_history,
+    start_bare_refuser,
 )
 
 DEFAULT_MIX = "1:0.5,8:0.3,64:0.2"
@@ -153,6 +156,27 @@ def describe(summary: dict) -> str:
     return text
 
 
+def refusals(summary: dict) -> str:
+    """One line: the burst's outcome and its 429 latencies (the target: every 429 within 1 s)."""
+    by = summary["latency_ms_by_status"].get("429", {})
+    fives = sum(n for status, n in summary["errors_by_status"].items() if status.startswith("5"))
+    timeouts = sum(n for error, n in summary["errors_by_exception"].items() if "Timeout" in error)
+    return (f"{summary['ok']} admitted (200), {summary['errors_by_status'].get('429', 0)} refused (429), "
+            f"{fives} 5xx, {timeouts} timeouts; 429 p50 {by.get('p50', math.nan):.0f} ms, "
+            f"p99 {by.get('p99', math.nan):.0f} ms, max {by.get('max', math.nan):.0f} ms")
+
+
+def floor(args: argparse.Namespace) -> dict:
+    """The same burst (the same bodies) against the bare refuser, started for it and stopped."""
+    process, url = start_bare_refuser()
+    try:
+        run = asyncio.run(burst(Target(url, timeout=args.timeout), build_workload(args), args.burst))
+        return summarize(run)
+    finally:
+        process.terminate()
+        process.wait(10)
+
+
 def build_workload(args: argparse.Namespace) -> Workload:
     mix = parse_mix(f"grpo{args.grpo}" if args.grpo else "openrlhf" if args.openrlhf else args.mix)
     return Workload(mix, make_pairs(args.data, args.pool, grouped=False), labels=not args.unlabelled,
@@ -196,6 +220,9 @@ def parser() -> argparse.ArgumentParser:
     mode.add_argument("--users", type=int, default=8, help="closed loop: concurrent clients (default 8)")
     mode.add_argument("--burst", type=int, metavar="N",
                       help="N requests at once, one plain HTTP/1.1 connection each, then stop")
+    p.add_argument("--floor", action="store_true",
+                   help="with --burst: then the same burst against a bare refuser (uvicorn, read, orjson "
+                        "parse, 429) started on 127.0.0.1, its 429 latencies printed beside r3's")
     shape = p.add_mutually_exclusive_group()
     shape.add_argument("--mix", default=DEFAULT_MIX,
                        help=f"weighted request shapes: N items, grpoN, openrlhf (default {DEFAULT_MIX})")
@@ -230,6 +257,8 @@ def main(argv: list[str] | None = None) -> int:
         check_target(args.url, args.allow_remote)
         parse_history(args.history or "")
         workload = build_workload(args)
+        if args.floor and not args.burst:
+            raise ValueError("--floor needs --burst N")
     except ValueError as error:
         print(f"r3-loadtest: {error}", file=sys.stderr)
         return 2
@@ -239,6 +268,11 @@ def main(argv: list[str] | None = None) -> int:
     run = asyncio.run(drive(args, target_of(args), workload))
     summary = summarize(run)
     print(f"{title}\n{describe(summary)}")
+    if args.burst:
+        print(f"r3: {refusals(summary)}")
+    if args.floor:
+        summary["floor"] = floor(args)
+        print(f"bare refuser (the floor), same burst: {refusals(summary['floor'])}")
     if args.json:
         config = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k != "api_key"}
         args.json.write_text(json.dumps({"config": config, "summary": summary, "timeline": timeline(run)},

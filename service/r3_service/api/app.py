@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import tracemalloc
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -16,12 +17,11 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from r3_service import __version__
+from r3_service import __version__, allocator
 from r3_service.api.docs import mount_docs
-from r3_service.api.middleware import ApiKeys, BodyLimit, Draining, EarlyAdmission, Observe, too_busy
+from r3_service.api.middleware import ApiKeys, Draining, EarlyAdmission, Observe
 from r3_service.api.routes import ClientGone, router
 from r3_service.engine.engine import RewardEngine
-from r3_service.engine.scheduler import QueueFull
 from r3_service.metrics import Metrics
 from r3_service.rule.datasets import read_records
 from r3_service.settings import Settings
@@ -53,9 +53,19 @@ def preload(engine: RewardEngine, path: str) -> None:
 
 
 
+async def trim_every(seconds: float) -> None:
+    """Give the C heap's free pages back to the system now and then (allocator.trim)."""
+    while True:
+        await asyncio.sleep(seconds)
+        await asyncio.to_thread(allocator.trim)
+
+
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings: Settings = app.state.settings
+    if settings.tracemalloc:
+        tracemalloc.start()
+    applied = allocator.tune(settings.malloc_arena_max)  # before the model's threads start
     engine = await asyncio.to_thread(RewardEngine.from_settings, settings, app.state.metrics)
     if settings.qtypes_file:
         await asyncio.to_thread(preload, engine, settings.qtypes_file)
@@ -67,9 +77,13 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     gc.collect()
     gc.freeze()
     app.state.engine = engine
-    log.info("r3 ready: backends=%s (default %s), models=%s, store=%s", ",".join(engine.backends),
-             settings.default_backend, ",".join(m["model"] for m in engine.models()), engine.store.kind)
+    log.info("r3 ready: backends=%s (default %s), models=%s, store=%s, malloc %s",
+             ",".join(engine.backends), settings.default_backend,
+             ",".join(m["model"] for m in engine.models()), engine.store.kind, applied or "as is")
+    trimming = asyncio.ensure_future(trim_every(settings.malloc_trim_s)) if settings.malloc_trim_s else None
     yield
+    if trimming is not None:
+        trimming.cancel()
     await engine.close()
 
 
@@ -88,10 +102,6 @@ async def http_error(request: Request, error: StarletteHTTPException) -> Respons
     return await http_exception_handler(request, error)
 
 
-async def overloaded(request: Request, error: QueueFull) -> JSONResponse:
-    return too_busy(error)
-
-
 async def client_gone(request: Request, error: ClientGone) -> Response:
     return Response(status_code=499)  # nginx's "client closed request"; never delivered
 
@@ -108,16 +118,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.metrics = metrics = Metrics()
     mount_docs(app)
-    # Outermost last: Observe → ApiKeys → BodyLimit → Draining → EarlyAdmission → routes.
+    # Outermost last: Observe → ApiKeys → Draining → EarlyAdmission (body limit, one parse,
+    # admission) → FastAPI's exception handling → routes.
     app.add_middleware(EarlyAdmission, state=app.state)
     app.add_middleware(Draining, state=app.state)
-    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
-    if settings.api_keys:
-        app.add_middleware(ApiKeys, keys=settings.api_keys)
+    if tenants := settings.all_tenants():
+        app.add_middleware(ApiKeys, tenants={tenant.key: tenant.name for tenant in tenants})
     app.add_middleware(Observe, metrics=metrics)
     app.add_exception_handler(RequestValidationError, invalid)  # type: ignore[arg-type]
     app.add_exception_handler(StarletteHTTPException, http_error)  # type: ignore[arg-type]
-    app.add_exception_handler(QueueFull, overloaded)  # type: ignore[arg-type]
     app.add_exception_handler(ClientGone, client_gone)  # type: ignore[arg-type]
     app.add_exception_handler(Exception, crashed)
     app.include_router(router)

@@ -1,5 +1,5 @@
-"""ASGI middleware, outermost first: Observe (metrics) → ApiKeys → BodyLimit → Draining →
-EarlyAdmission. Pure ASGI, so a client's disconnect still reaches the routes."""
+"""ASGI middleware, outermost first: Observe (metrics) → ApiKeys → Draining → Admit (body limit,
+one parse, admission). Pure ASGI, so a client's disconnect still reaches the routes."""
 
 from __future__ import annotations
 
@@ -7,21 +7,20 @@ import base64
 import binascii
 import functools
 import hmac
+import json
 import time
+from typing import Any
 
 import orjson
-from fastapi import HTTPException
 from fastapi.responses import JSONResponse, Response
-from pydantic import ValidationError
 from starlette.datastructures import QueryParams, State
-from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from r3_service.api.early import reward_demand
-from r3_service.api.routes import SCORING
-from r3_service.engine.admission import demand
-from r3_service.engine.backends import RewardBackend
-from r3_service.engine.engine import RewardEngine, UnknownBackend
+from r3_service.api.routes import SCORING, Prepared
+from r3_service.engine.admission import Admission, demand
+from r3_service.engine.engine import RewardEngine
 from r3_service.engine.scheduler import QueueFull
 from r3_service.metrics import Metrics
 from r3_service.settings import Settings
@@ -69,29 +68,35 @@ class ApiKeys:
     of its own, such as slime, puts the key in its URL (`http://r3:KEY@HOST:8000/slime`) and its
     HTTP library sends it in this header, never in the request line that access logs print. Every
     key is compared in constant time, so the answer's timing says nothing about how close a guess
-    was."""
+    was. The key's tenant name goes to `scope["state"]["tenant"]` (admission shares by it)."""
 
-    def __init__(self, app: ASGIApp, keys: list[str]) -> None:
+    def __init__(self, app: ASGIApp, tenants: dict[str, str]) -> None:
         self.app = app
-        self.keys = [key.encode() for key in keys]
+        self.tenants = [(key.encode(), name) for key, name in tenants.items()]
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] in OPEN_PATHS or self._valid(scope):
+        if scope["type"] != "http" or scope["path"] in OPEN_PATHS:
+            await self.app(scope, receive, send)
+            return
+        tenant = self._tenant(scope)
+        if tenant is not None:
+            scope.setdefault("state", {})["tenant"] = tenant
             await self.app(scope, receive, send)
             return
         response = JSONResponse({"detail": "missing or invalid API key: send Authorization: Bearer KEY"},
                                 status_code=401, headers={"WWW-Authenticate": "Bearer"})
         await response(scope, receive, send)
 
-    def _valid(self, scope: Scope) -> bool:
+    def _tenant(self, scope: Scope) -> str | None:
+        """The name of the key the request carries; None when it carries none of them."""
         scheme, _, token = dict(scope["headers"]).get(b"authorization", b"").partition(b" ")
         scheme, token = scheme.lower(), token.strip()
         if scheme == b"basic":
             token = basic_password(token)
         elif scheme != b"bearer":
             token = b""
-        matches = [hmac.compare_digest(token, key) for key in self.keys]  # no short cut
-        return bool(token) and any(matches)
+        matches = [name for key, name in self.tenants if hmac.compare_digest(token, key)]  # no short cut
+        return matches[0] if token and matches else None
 
 
 def basic_password(credentials: bytes) -> bytes:
@@ -137,61 +142,32 @@ class Draining:
             self.state.in_flight -= 1
 
 
-class BodyLimit:
-    """413 for bodies over the limit, by Content-Length or while streaming, before parsing."""
-
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
-        self.app = app
-        self.max_bytes = max_bytes
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        declared = dict(scope["headers"]).get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
-            await JSONResponse({"detail": self._message()}, status_code=413)(scope, receive, send)
-            return
-        received = 0
-
-        async def limited() -> Message:
-            nonlocal received
-            message = await receive()
-            received += len(message.get("body", b""))
-            if received > self.max_bytes:
-                raise HTTPException(413, self._message())  # FastAPI passes HTTPException through
-            return message
-
-        await self.app(scope, limited, send)
-
-    def _message(self) -> str:
-        return f"request body exceeds the limit of {self.max_bytes} bytes (R3_MAX_BODY_BYTES)"
-
-
 def too_busy(error: QueueFull) -> JSONResponse:
     return JSONResponse({"detail": str(error)}, status_code=429,
                         headers={"Retry-After": str(error.retry_after_s)})
 
 
 def sent_as_json(scope: Scope) -> bool:
-    """Whether FastAPI would read the body as JSON: no Content-Type, application/json or +json."""
-    declared = dict(scope["headers"]).get(b"content-type")
-    if declared is None:
-        return True
-    media = declared.split(b";", 1)[0].strip().lower()
-    return media == b"application/json" or (media.startswith(b"application/") and media.endswith(b"+json"))
+    """Whether FastAPI reads the body as JSON: Content-Type application/json or application/*+json."""
+    declared = dict(scope["headers"]).get(b"content-type", b"")
+    kind, _, subtype = declared.split(b";", 1)[0].strip().lower().partition(b"/")
+    return kind == b"application" and (subtype == b"json" or subtype.endswith(b"+json"))
 
 
-async def read_body(receive: Receive) -> bytes | None:
-    """The whole body (None if the client left while sending it)."""
-    chunks = []
-    while True:
+async def read_body(scope: Scope, receive: Receive, limit: int) -> bytes | None:
+    """The whole body (None if the client left while sending it), or a 413 HTTPException for one
+    over `limit` bytes, by its Content-Length or while streaming, reading no further."""
+    declared = dict(scope["headers"]).get(b"content-length", b"")
+    size, chunks = int(declared) if declared.isdigit() else 0, []  # declared, else read so far
+    while size <= limit:
         message = await receive()
         if message["type"] == "http.disconnect":
             return None
         chunks.append(message.get("body", b""))
-        if not message.get("more_body", False):
+        size += 0 if declared.isdigit() else len(chunks[-1])
+        if size <= limit and not message.get("more_body", False):
             return b"".join(chunks)
+    raise HTTPException(413, f"request body exceeds the limit of {limit} bytes (R3_MAX_BODY_BYTES)")
 
 
 def replay(body: bytes, receive: Receive) -> Receive:
@@ -209,65 +185,81 @@ def replay(body: bytes, receive: Receive) -> Receive:
     return replayed
 
 
-def early_demand(scope: Scope, body: bytes, engine: RewardEngine,
-                 settings: Settings) -> tuple[set[str], RewardBackend] | None:
-    """The distinct texts the route will embed and their backend, read before the route runs:
-    `/reward` by a C-level JSON parse and its shape (`early.reward_demand`), the other paths (one
-    templated sample each, or a few) by the route's own model and steps. None when the route must
-    answer instead (400, 413 or 422, exactly as without this middleware)."""
+def parse(scope: Scope, body: bytes) -> Any:
+    """The JSON document as FastAPI's `json.loads` reads it (orjson first, C-level and stricter;
+    what it refuses, such as NaN or a lone surrogate, read as FastAPI would), or ValueError."""
     if not sent_as_json(scope):
-        return None
+        raise ValueError("not sent as JSON")
     try:
-        if scope["path"] == "/reward":
-            found = reward_demand(orjson.loads(body), settings)
-            return None if found is None else (found[0], engine.backend(found[1]))
-        schema, prepare_route = SCORING[scope["path"]]
-        prepared = prepare_route(schema.model_validate_json(body), engine, settings,
-                                 QueryParams(scope["query_string"]))
-        return demand(prepared.items), prepared.backend
-    except (orjson.JSONDecodeError, ValidationError, StarletteHTTPException, UnknownBackend):
-        return None
+        return orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return json.loads(body)
+
+
+def admit(scope: Scope, body: bytes, engine: RewardEngine, settings: Settings) -> tuple[Prepared, Admission]:
+    """The body parsed, validated with its route's model, prepared for the engine and admitted on
+    the queues of its backend. A `/reward` body is charged from a cheap read of its parsed form
+    (`reward_demand`) before validation, so that a refusal costs none. Raises QueueFull (429),
+    HTTPException (a limit passed, 413; an unknown backend, 422), or ValueError when the body is not
+    JSON or not valid (FastAPI then answers 400 or 422)."""
+    schema, prepare = SCORING[scope["path"]]
+    document = parse(scope, body)
+
+    def prepared() -> Prepared:
+        return prepare(schema.model_validate(document), engine, settings, QueryParams(scope["query_string"]))
+
+    early = reward_demand(document, settings) if scope["path"] == "/reward" else None
+    backend = engine.backends.get(early[1] or settings.default_backend) if early else None
+    if early is None or backend is None:  # validated first: what it finds is answered, not refused
+        ready: Prepared | None = prepared()
+        texts, backend = demand(ready.items), ready.backend
+    else:
+        ready, texts = None, early[0]
+    admission = engine.admit(texts, backend, scope.get("state", {}).get("tenant", ""))
+    try:
+        return ready or prepared(), admission
+    except Exception:
+        admission.release()
+        raise
 
 
 class EarlyAdmission:
-    """Admit a scoring request by its own work before its route runs, or answer 429 at once.
-
-    The body is read (BodyLimit bounds it) and its texts found (`early_demand`: for `/reward` a
-    C-level JSON parse, no validation yet), then admitted on its backend's model queues by the
-    tokens its texts hold at least (`RewardEngine.admit`): the decision depends on this request
-    alone, and a refusal costs a parse and a count, no validation, store lookup, classification
-    or embedding. The route then validates the body with its strict model and scores it under
-    this admission; a body it refuses gets its 400, 413 or 422. The admission is released here
-    in any case."""
+    """Read a scoring request's body (up to R3_MAX_BODY_BYTES), parse, validate and prepare it
+    once, and admit it on its backend's model queues by what it asks of them (`admit`), or answer
+    at once: 429 when they are full, 413 or 422 for a limit passed or an unknown backend. The route
+    scores the prepared items (`scope["state"]["prepared"]`; FastAPI gets the validated body back)
+    under this admission, which is released here in any case. A body that is not JSON or not
+    valid goes to FastAPI as it came, which answers it (400, 422)."""
 
     def __init__(self, app: ASGIApp, state: State) -> None:
         self.app = app
         self.state = state
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        engine: RewardEngine | None = getattr(self.state, "engine", None)
-        if scope["type"] != "http" or engine is None or scope["path"] not in SCORING:
+        if scope["type"] != "http" or scope["path"] not in SCORING:
             await self.app(scope, receive, send)
             return
+        engine: RewardEngine | None = getattr(self.state, "engine", None)
+        found = None
         try:
-            body = await read_body(receive)
-        except StarletteHTTPException as error:  # BodyLimit: over the limit while streaming
+            body = await read_body(scope, receive, self.state.settings.max_body_bytes)
+            if body is None:  # the client left: counted as the routes count it (499), never delivered
+                await Response(status_code=499)(scope, receive, send)
+                return
+            if engine is not None:  # else the route answers 503
+                found = admit(scope, body, engine, self.state.settings)
+        except ValueError:  # not JSON, or not valid: FastAPI answers it as it came (400, 422)
+            pass
+        except QueueFull as error:
+            await too_busy(error)(scope, receive, send)
+            return
+        except HTTPException as error:
             await JSONResponse({"detail": error.detail}, error.status_code)(scope, receive, send)
             return
-        if body is None:  # the client left: counted as the routes count it (499), never delivered
-            await Response(status_code=499)(scope, receive, send)
-            return
-        found = early_demand(scope, body, engine, self.state.settings)
-        admission = None
         if found is not None:
-            try:
-                admission = engine.admit(*found)
-            except QueueFull as error:
-                await too_busy(error)(scope, receive, send)
-                return
-            scope.setdefault("state", {})["admission"] = admission
+            scope.setdefault("state", {}).update(prepared=found[0], admission=found[1])
         try:
             await self.app(scope, replay(body, receive), send)
         finally:
-            if admission is not None:
-                admission.release()
+            if found is not None:
+                found[1].release()

@@ -1,5 +1,6 @@
-"""The routes, on one APIRouter. Thin: validate, enforce limits, hand items to the engine, shape
-the answer. The engine, settings and metrics come as dependencies from the app's state."""
+"""The routes, on one APIRouter. Thin: the admission middleware has validated, limited, prepared
+and admitted a scoring request (`SCORING`); its route hands the prepared items to the engine and
+shapes the answer. The engine and metrics come as dependencies from the app's state."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from typing import Annotated, Any, TypeVar
 
 from fastapi import APIRouter, Depends, HTTPException, Query, Request, Response
 from fastapi.responses import JSONResponse
+from fastapi.routing import APIRoute
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel
 
@@ -48,19 +50,13 @@ async def get_engine(request: Request) -> RewardEngine:
     return engine
 
 
-async def get_settings(request: Request) -> Settings:
-    return request.app.state.settings
-
-
 async def get_metrics(request: Request) -> Metrics:
     return request.app.state.metrics
 
 
 # Async on purpose: FastAPI runs a sync dependency on its thread pool, a hop per request.
 EngineDep = Annotated[RewardEngine, Depends(get_engine)]
-SettingsDep = Annotated[Settings, Depends(get_settings)]
 MetricsDep = Annotated[Metrics, Depends(get_metrics)]
-router = APIRouter()
 
 
 class ClientGone(Exception):
@@ -135,8 +131,10 @@ def extra_logs(results: list[Scored], uses_relevance: bool) -> dict[str, list[fl
 
 @dataclass(frozen=True)
 class Prepared:
-    """A scoring request ready for the engine: its items and the backend that scores them."""
+    """A scoring request ready for the engine: its validated body, its items and the backend that
+    scores them."""
 
+    body: BaseModel
     items: list[RawItem]
     backend: RewardBackend
 
@@ -150,7 +148,7 @@ def prepare_reward(body: RewardRequest, engine: RewardEngine, settings: Settings
         f"items[{i}].{field}": getattr(item, field)
         for i, item in enumerate(body.items) for field in ("query", "response", "reference")
     })
-    return Prepared(raw_items(body), backend_named(engine, body.backend))
+    return Prepared(body, raw_items(body), backend_named(engine, body.backend))
 
 
 def prepare_get_reward(body: GetRewardRequest, engine: RewardEngine, settings: Settings,
@@ -162,7 +160,7 @@ def prepare_get_reward(body: GetRewardRequest, engine: RewardEngine, settings: S
     check_limits(settings, len(body.query), texts)
     backend = backend_named(engine, body.backend)
     try:
-        return Prepared(to_raw_items(body), backend)
+        return Prepared(body, to_raw_items(body), backend)
     except SampleError as error:
         raise HTTPException(422, str(error)) from None
 
@@ -174,11 +172,11 @@ def prepare_slime(body: SlimeRequest, engine: RewardEngine, settings: Settings,
     except slime.SlimeError as error:
         raise HTTPException(422, str(error)) from None
     check_limits(settings, 1, slime.texts(body))
-    return Prepared([slime.to_raw_item(body)], backend_named(engine, params.get("backend")))
+    return Prepared(body, [slime.to_raw_item(body)], backend_named(engine, params.get("backend")))
 
 
-# Each scoring path: the model its body must validate as, and how it becomes engine items (the
-# admission middleware runs both for the paths it does not read by a faster parse).
+# Each scoring path: the model its body validates as, and how it becomes engine items; the
+# admission middleware runs both, once, before the route.
 SCORING: dict[str, tuple[type[BaseModel], Preparer]] = {
     "/reward": (RewardRequest, prepare_reward),
     "/get_reward": (GetRewardRequest, prepare_get_reward),
@@ -186,13 +184,34 @@ SCORING: dict[str, tuple[type[BaseModel], Preparer]] = {
 }
 
 
-async def score(request: Request, endpoint: str, body: BaseModel, engine: RewardEngine, settings: Settings,
+class PreparedRequest(Request):
+    """A request whose JSON is the body the admission middleware validated (FastAPI takes an
+    instance of the route's model as it is), so a body is parsed and validated once."""
+
+    async def json(self) -> Any:
+        prepared: Prepared | None = self.scope.get("state", {}).get("prepared")
+        return prepared.body if prepared is not None else await super().json()
+
+
+class PreparedRoute(APIRoute):
+    def get_route_handler(self) -> Callable[[Request], Awaitable[Response]]:
+        handle = super().get_route_handler()
+
+        async def handler(request: Request) -> Response:
+            return await handle(PreparedRequest(request.scope, request.receive))
+
+        return handler
+
+
+router = APIRouter(route_class=PreparedRoute)
+
+
+async def score(request: Request, endpoint: str, engine: RewardEngine,
                 metrics: Metrics) -> tuple[list[Scored], RewardBackend]:
-    """Score on the engine, given up (499) if the client leaves first; counts the items. The
-    admission middleware has admitted the request already, unless it could not read its items
-    (then the engine admits it, once validated here)."""
-    prepared = SCORING[endpoint][1](body, engine, settings, request.query_params)
-    scoring = engine.score(prepared.items, prepared.backend, getattr(request.state, "admission", None))
+    """Score the items the admission middleware prepared, under its admission; given up (499) if
+    the client leaves first; counts the items."""
+    prepared: Prepared = request.state.prepared
+    scoring = engine.score(prepared.items, prepared.backend, request.state.admission)
     results = await unless_disconnected(request, scoring)
     metrics.items.labels(endpoint, prepared.backend.name).inc(len(prepared.items))
     return results, prepared.backend
@@ -211,10 +230,10 @@ def backend_named(engine: RewardEngine, name: str | None) -> RewardBackend:
 
 
 @router.post("/reward", response_model=RewardResponse, responses=ERRORS)
-async def reward(body: RewardRequest, request: Request, engine: EngineDep, settings: SettingsDep,
+async def reward(body: RewardRequest, request: Request, engine: EngineDep,
                  metrics: MetricsDep) -> RewardResponse:
     """Score (query, response) items with R3; rewards come back in item order."""
-    results, backend = await score(request, "/reward", body, engine, settings, metrics)
+    results, backend = await score(request, "/reward", engine, metrics)
     return RewardResponse(
         rewards=[r.reward for r in results], backend=backend.name,
         components=[components(r) for r in results] if body.return_components else None,
@@ -222,10 +241,11 @@ async def reward(body: RewardRequest, request: Request, engine: EngineDep, setti
 
 
 @router.post("/get_reward", response_model=GetRewardResponse, responses=ERRORS)
-async def get_reward(body: GetRewardRequest, request: Request, engine: EngineDep, settings: SettingsDep,
+async def get_reward(body: GetRewardRequest, request: Request, engine: EngineDep,
                      metrics: MetricsDep) -> GetRewardResponse:
     """OpenRLHF remote reward model: `--remote_rm_url http://HOST:PORT/get_reward`."""
-    results, backend = await score(request, "/get_reward", body, engine, settings, metrics)
+    # `body`, as each route's, is its schema; the admission middleware prepared the items from it.
+    results, backend = await score(request, "/get_reward", engine, metrics)
     rewards = [r.reward for r in results]
     return GetRewardResponse(rewards=rewards, scores=rewards,
                              extra_logs=extra_logs(results, backend.uses_relevance))
@@ -233,7 +253,7 @@ async def get_reward(body: GetRewardRequest, request: Request, engine: EngineDep
 
 @router.post("/slime", response_model=float | SlimeReward, responses=ERRORS)
 async def slime_reward(
-    body: SlimeRequest, request: Request, engine: EngineDep, settings: SettingsDep, metrics: MetricsDep,
+    body: SlimeRequest, request: Request, engine: EngineDep, metrics: MetricsDep,
     backend: Annotated[str | None, Query(description="Backend name (GET /v1/info lists them); "
                                                      "default: the configured one.")] = None,
     with_components: Annotated[bool, Query(alias="components", description=(
@@ -242,7 +262,7 @@ async def slime_reward(
     """slime's remote reward model: `--rm-type remote_rm --rm-url http://HOST:PORT/slime`; one
     sample per request, answered with its reward as a bare JSON number."""
     # `backend` is declared for the schema; prepare_slime reads it from the query string.
-    [result], _ = await score(request, "/slime", body, engine, settings, metrics)
+    [result], _ = await score(request, "/slime", engine, metrics)
     return slime.answer(result.reward, components(result) if with_components else None)
 
 

@@ -16,6 +16,7 @@ from r3_service.models.reward_model import RewardModel
 from r3_service.settings import (
     CPU_BATCH_SIZE,
     CPU_BATCH_TOKENS,
+    CPU_SHARED_BATCH_TOKENS,
     GPU_BATCH_SIZE,
     GPU_BATCH_TOKENS,
     RewardModelSpec,
@@ -32,8 +33,10 @@ def batch_limits(settings: Settings, model: BatchModel) -> BatchLimits:
     on_gpu = model.device.type == "cuda"
     max_tokens = settings.max_batch_tokens or (GPU_BATCH_TOKENS if on_gpu else CPU_BATCH_TOKENS)
     max_size = settings.max_batch_size or (GPU_BATCH_SIZE if on_gpu else CPU_BATCH_SIZE)
+    shared = settings.shared_batch_tokens or (max_tokens if on_gpu else CPU_SHARED_BATCH_TOKENS)
     return BatchLimits(
         max_tokens=max_tokens, max_size=max_size, max_wait_s=settings.max_wait_ms / 1000,
+        shared_max_tokens=min(max_tokens, shared),
         max_queue_tokens=configured_queue_bound(settings) or measured_queue_bound(
             model, max_tokens, max_size, settings.queue_seconds),
     )

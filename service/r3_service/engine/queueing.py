@@ -15,7 +15,7 @@ import time
 from collections import deque
 from collections.abc import Hashable, Mapping
 from contextvars import ContextVar
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -36,6 +36,7 @@ class BatchLimits:
     max_size: int  # sequences per forward
     max_wait_s: float  # how long an idle model waits for a fuller batch
     max_queue_tokens: int  # tokens admitted requests may still embed
+    shared_max_tokens: int | None = None  # padded tokens per forward while tenants share (None: max)
 
 
 @dataclass(eq=False)
@@ -57,7 +58,8 @@ class ReadyQueue:
     O(batch + distinct lengths), however deep the queue. Texts whose clients all left are
     dropped when met (lazily), not searched for."""
 
-    def __init__(self) -> None:
+    def __init__(self, tenant: str = "") -> None:
+        self.tenant = tenant
         self._buckets: dict[int, deque[Entry]] = {}  # length -> entries, oldest first
         self._arrivals: deque[Entry] = deque()  # every entry, oldest first (lazy deletion)
         self.count = 0
@@ -71,10 +73,21 @@ class ReadyQueue:
             self.tokens += len(entry.ids)
 
     def oldest(self) -> Entry | None:
-        """The oldest text someone still waits for."""
-        while self._arrivals and (self._arrivals[0].taken or self._arrivals[0].waiters <= 0):
+        """The oldest text someone still waits for (and that has not moved to another tenant)."""
+        while self._arrivals and (self._arrivals[0].taken or self._arrivals[0].waiters <= 0
+                                  or self._arrivals[0].tenant != self.tenant):
             self._arrivals.popleft()
         return self._arrivals[0] if self._arrivals else None
+
+    def remove(self, entry: Entry) -> None:
+        """Take `entry` out (it moves to another tenant's queue)."""
+        length = len(entry.ids)
+        bucket = self._buckets[length]
+        bucket.remove(entry)
+        if not bucket:
+            del self._buckets[length]
+        self.count -= 1
+        self.tokens -= length
 
     def drop_abandoned(self, abandoned: list[Entry]) -> None:
         """Move every text (none is waited for: `oldest` found none) to `abandoned`."""
@@ -151,21 +164,38 @@ class FairQueue:
         for entry in entries:
             queue = self._queues.get(entry.tenant)
             if queue is None:
-                queue = self._queues[entry.tenant] = ReadyQueue()
+                queue = self._queues[entry.tenant] = ReadyQueue(entry.tenant)
             if not queue.count:  # back from idle: no credit saved up while away
                 self._clock[entry.tenant] = max(self._clock.get(entry.tenant, 0.0), self._floor())
             queue.add([entry])
+
+    def claim(self, entry: Entry, tenant: str) -> None:
+        """Another tenant's request waits for `entry` too: if that tenant has been served less,
+        the text moves to its place (a text two jobs share waits in the better of their queues)."""
+        if tenant == entry.tenant or entry.taken:
+            return
+        if self._rank(tenant) >= self._rank(entry.tenant):
+            return
+        if entry.ready_at:  # in its tenant's queue: moved
+            self._queues[entry.tenant].remove(entry)
+            entry.tenant = tenant
+            self.add([entry])
+        else:  # still being tokenised: it joins this tenant's queue when ready
+            entry.tenant = tenant
 
     def _floor(self) -> float:
         busy = [self._clock.get(t, 0.0) for t, q in self._queues.items() if q.count]
         return min(busy, default=0.0)
 
+    def _rank(self, tenant: str) -> tuple[float, int]:
+        """Served least first; between equals, the one with fewer texts waiting (a job back from
+        idle starts level with the busiest, and goes first)."""
+        return self._clock.get(tenant, self._floor()), self.depth(tenant)
+
     def _order(self) -> list[ReadyQueue]:
-        """Tenants with live texts, served least first; between equals, the one with fewer texts
-        waiting (a job back from idle starts level with the busiest, and goes first)."""
-        live = [(self._clock.get(t, 0.0), q.count, t) for t, q in self._queues.items()
-                if q.oldest() is not None]
-        return [self._queues[t] for _, _, t in sorted(live)]
+        """Tenants with live texts, in `_rank` order."""
+        live = [(self._rank(t), t) for t, q in self._queues.items() if q.oldest() is not None]
+        return [self._queues[t] for _, t in sorted(live)]
 
     def oldest(self) -> Entry | None:
         """The oldest text of the tenant served least (the next batch's anchor)."""
@@ -180,6 +210,8 @@ class FairQueue:
             return []
         anchor = order[0].oldest()
         assert anchor is not None
+        if len(order) > 1 and limits.shared_max_tokens:  # shorter batches: shorter waits
+            limits = replace(limits, max_tokens=limits.shared_max_tokens)
         batch: list[Entry] = []
         for queue in order:
             if queue.fill(batch, len(anchor.ids), limits, abandoned):

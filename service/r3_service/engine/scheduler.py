@@ -83,8 +83,8 @@ class BatchScheduler:
         self._ready = FairQueue(weights or {})  # tokenised, waiting for a batch
         self._wake = asyncio.Event()
         self._model_thread = ThreadPoolExecutor(1, thread_name_prefix="r3-model", initializer=yield_cpu)
-        self._tokenizers = ThreadPoolExecutor(tokenizer_threads, thread_name_prefix="r3-tokenize",
-                                              initializer=yield_cpu)
+        self._tokenizer_threads = tokenizer_threads
+        self._tokenizers: dict[str, ThreadPoolExecutor] = {}  # per tenant: no job waits on another's
         self._admissions: set[asyncio.Task[None]] = set()
         self._task: asyncio.Task[None] | None = None
         self._tokens_per_s = 0.0  # moving average, for Retry-After
@@ -103,7 +103,8 @@ class BatchScheduler:
         for entry in self._pending.values():
             entry.future.cancel()
         self._model_thread.shutdown(wait=True)
-        self._tokenizers.shutdown(wait=True)
+        for executor in self._tokenizers.values():
+            executor.shutdown(wait=True)
 
     @property
     def held(self) -> int:
@@ -152,6 +153,7 @@ class BatchScheduler:
                 new.append(entry)
             else:
                 self.metrics.dedup.inc()
+                self._ready.claim(entry, tenant)
                 entry.waiters += 1
                 entry.cacheable |= keep
             waiting.append((index, entry))
@@ -180,10 +182,18 @@ class BatchScheduler:
         self._admissions.add(task)
         task.add_done_callback(self._admissions.discard)
 
+    def _tokenizer(self, tenant: str) -> ThreadPoolExecutor:
+        """The tenant's own tokenizer threads: a burst's tokenisation queues behind itself only."""
+        executor = self._tokenizers.get(tenant)
+        if executor is None:
+            executor = self._tokenizers[tenant] = ThreadPoolExecutor(
+                self._tokenizer_threads, thread_name_prefix=f"r3-tokenize-{tenant}", initializer=yield_cpu)
+        return executor
+
     async def _tokenize(self, entries: list[Entry]) -> None:
         loop = asyncio.get_running_loop()
         try:
-            sequences = await loop.run_in_executor(self._tokenizers, self.model.tokenize,
+            sequences = await loop.run_in_executor(self._tokenizer(entries[0].tenant), self.model.tokenize,
                                                    [e.input for e in entries])
         except Exception as error:  # handed to every waiter instead
             self._fail(entries, error)
