@@ -5,7 +5,8 @@
 #                bash scripts/gpu-check.sh
 # It runs the batching and backend tests on the GPU, r3-bench with Contriever's architecture (bert-base,
 # random weights) and the admission bursts of README "Admission" against r3-serve on the GPU, writing
-# JSON/PNG/MD under $OUT, and measures bf16/fp16 reward fidelity against fp32 on the GPU.
+# JSON/PNG/MD under $OUT, measures bf16/fp16 reward fidelity against fp32 on the GPU, and the
+# two-tenant benchmark.
 # Prepared without a device: not yet run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -62,3 +63,6 @@ python3 -m r3_tools.loadtest --url http://127.0.0.1:8766 --burst 16 --mix 64 --j
 python3 -m r3_tools.loadtest --url http://127.0.0.1:8766 --burst 400 --mix 64 --json "$OUT/gpu-burst-400x64.json" \
     | tail -5 | tee -a "$OUT/gpu.txt"
 kill "$SERVE"
+# Two tenants on the GPU (issue 37): a steady job beside another job's bursts.
+python3 -m r3_tools.tenants --duration 30 --warmup 5 --capacity-seconds 10 --out "$OUT/gpu-tenants" \
+    | tail -4 | tee -a "$OUT/gpu.txt" || true
