@@ -18,7 +18,7 @@ OUT=${OUT:-bench/results/soak}
 FAULTS=${FAULTS-redis@0.18,disconnects@0.2,burst@0.22,redis@0.45,disconnects@0.55,burst@0.65}
 work=$(mktemp -d)
 redis_port=$(free_port)
-trap 'stop_started; pkill -f "redis-server 127.0.0.1:$redis_port" 2>/dev/null || true; rm -rf "$work"' EXIT
+trap 'stop_started; pkill -f "redis-server 127.0.0.1:$redis_port" 2>/dev/null || true; cp "$work/serve.log" "$OUT.serve.log" 2>/dev/null || true; rm -rf "$work"' EXIT
 
 start_redis "$redis_port" "$work"
 r3-qtypes load data/alpacafarm_val.json --redis-url "$REDIS_URL"

@@ -100,6 +100,25 @@ def test_a_text_two_jobs_share_waits_in_the_queue_of_the_job_served_least() -> N
         loop.close()
 
 
+def test_a_text_joined_again_after_its_clients_left_is_computed_not_dropped() -> None:
+    """A text whose clients all left, then joined by another request before it was dropped,
+    must still be computed (it was once cancelled: a 500 for the request that joined it)."""
+    loop = asyncio.new_event_loop()
+    try:
+        text = Entry("shared", loop.create_future(), True, ids=[0] * 10, ready_at=1.0)
+        queue = FairQueue({})
+        queue.add([text])
+        text.waiters = 0  # its client left
+        assert queue.oldest() is None  # passed by as abandoned
+        text.waiters = 1  # another request joins it
+        abandoned: list[Entry] = []
+        limits = BatchLimits(max_tokens=100, max_size=4, max_wait_s=0, max_queue_tokens=10**6)
+        assert queue.take(limits, abandoned) == [] and abandoned == []
+        assert queue.take(limits, abandoned) == [text]
+    finally:
+        loop.close()
+
+
 def test_tenants_come_from_api_keys_and_from_the_tenant_list() -> None:
     settings = Settings(api_keys="plain-key", tenants=[{"name": "job-a", "key": "k", "weight": 3}])
     assert settings.tenant_weights() == {"job-a": 3.0, "key1": 1.0}

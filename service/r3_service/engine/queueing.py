@@ -90,10 +90,20 @@ class ReadyQueue:
         self.tokens -= length
 
     def drop_abandoned(self, abandoned: list[Entry]) -> None:
-        """Move every text (none is waited for: `oldest` found none) to `abandoned`."""
+        """Move every text nobody waits for to `abandoned` (`oldest` found no live one). A text
+        another request joined after `oldest` had passed it by is live: it goes back in line."""
         for length in list(self._buckets):
-            while length in self._buckets:
-                abandoned.append(self._pop(length))
+            bucket = self._buckets.pop(length)
+            live = deque(entry for entry in bucket if entry.waiters > 0)
+            for entry in bucket:
+                if entry.waiters <= 0:
+                    entry.taken = True
+                    abandoned.append(entry)
+                    self.count -= 1
+                    self.tokens -= length
+            if live:
+                self._buckets[length] = live
+                self._arrivals.extend(live)
 
     def take(self, limits: BatchLimits, abandoned: list[Entry]) -> list[Entry]:
         """The oldest text and those closest to it in length, within the padded-token budget and
