@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from conftest import ServiceProcess, start_service
-from r3_service.engine.queueing import BatchLimits, Entry, ReadyQueue
+from r3_service.engine.queueing import BatchLimits, Entry, FairQueue
 from r3_service.engine.scheduler import BatchScheduler, QueueFull
 from r3_service.metrics import Metrics
 from r3_tools.loadgen import post_plain
@@ -291,7 +291,7 @@ def test_ready_queue_batches_the_oldest_with_its_length_neighbours() -> None:
         def entry(name: str, length: int, at: float) -> Entry:
             return Entry(name, loop.create_future(), False, ids=[0] * length, ready_at=at)
 
-        queue = ReadyQueue()
+        queue = FairQueue({})  # one tenant
         old_short = entry("old short", 10, 0.0)
         longs = [entry(f"long {i}", 100 + i, 1.0 + i) for i in range(5)]
         near = [entry(f"near {i}", 9 + i % 3, 10.0 + i) for i in range(6)]

@@ -12,11 +12,8 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
-import logging
 import sys
 from functools import cache
-
-log = logging.getLogger(__name__)
 
 M_ARENA_MAX = -8  # mallopt's parameter, from glibc's malloc.h
 

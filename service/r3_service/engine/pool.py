@@ -97,8 +97,9 @@ class ModelPool:
     def _tenant_depths(self) -> dict[str, tuple[int, int]]:
         """Per tenant: texts waiting for a batch and tokens held, summed over models."""
         depths: dict[str, tuple[int, int]] = {}
+        configured = self.settings.tenant_weights()
         for scheduler in self.schedulers.values():
-            for tenant in {*scheduler.shares.held, *self.settings.tenant_weights()}:
+            for tenant in {*scheduler.shares.held, *configured}:
                 queued, held = depths.get(tenant, (0, 0))
                 depths[tenant] = (queued + scheduler.queued_by(tenant),
                                   held + scheduler.shares.held.get(tenant, 0))

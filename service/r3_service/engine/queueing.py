@@ -105,21 +105,11 @@ class ReadyQueue:
                 self._buckets[length] = live
                 self._arrivals.extend(live)
 
-    def take(self, limits: BatchLimits, abandoned: list[Entry]) -> list[Entry]:
-        """The oldest text and those closest to it in length, within the padded-token budget and
-        no shorter than MIN_FILL of the longest. Texts nobody waits for go to `abandoned`."""
-        anchor = self.oldest()
-        if anchor is None:  # only abandoned texts are left
-            self.drop_abandoned(abandoned)
-            return []
-        batch: list[Entry] = []
-        self.fill(batch, len(anchor.ids), limits, abandoned)
-        return batch
-
     def fill(self, batch: list[Entry], anchor_length: int, limits: BatchLimits,
              abandoned: list[Entry]) -> bool:
         """Add to `batch` the texts closest in length to `anchor_length` that keep it within the
-        limits and MIN_FILL; True once it is full."""
+        padded-token budget and no shorter than MIN_FILL of the longest; True once it is full.
+        Texts nobody waits for go to `abandoned`."""
         longest = max((len(e.ids) for e in batch), default=anchor_length)
         shortest = min((len(e.ids) for e in batch), default=anchor_length)
         for length in sorted(self._buckets, key=lambda n: abs(math.log(n / anchor_length))):
@@ -213,6 +203,7 @@ class FairQueue:
         return order[0].oldest() if order else None
 
     def take(self, limits: BatchLimits, abandoned: list[Entry]) -> list[Entry]:
+        """The next batch (`FairQueue`); [] when only abandoned texts are left (then dropped)."""
         order = self._order()
         if not order:
             for queue in self._queues.values():
