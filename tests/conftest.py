@@ -20,6 +20,8 @@ from typing import TYPE_CHECKING
 import httpx
 import pytest
 
+from r3_tools.loadgen import free_port  # re-exported for the tests
+
 if TYPE_CHECKING:
     from fastapi.testclient import TestClient
 
@@ -42,12 +44,6 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if SERVER_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.slow)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def wait_until(check, timeout: float, what: str) -> None:
