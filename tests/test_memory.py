@@ -48,6 +48,16 @@ def test_cached_rows_own_their_memory_and_every_cache_is_in_metrics(app_client) 
     assert "r3_python_allocated_blocks" in metrics
 
 
+def test_the_arena_cap_is_applied_or_left_to_glibc(monkeypatch) -> None:
+    from r3_service import allocator
+    from r3_service.settings import Settings
+
+    monkeypatch.setenv("R3_MALLOC_ARENA_MAX", "0")
+    assert allocator.tune(Settings().malloc_arena_max) == {}  # 0: glibc's own default
+    if allocator.heap():  # on glibc
+        assert allocator.tune(Settings(malloc_arena_max=2).malloc_arena_max) == {"arena_max": 2}
+
+
 def test_the_rss_verdict_tells_a_plateau_from_a_leak() -> None:
     hours = 2 * 3600
     flat = [{"t": t, "rss": 700 + (5 if t % 600 < 30 else 0)} for t in range(0, hours, 10)]

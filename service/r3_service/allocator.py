@@ -40,11 +40,11 @@ def _glibc() -> ctypes.CDLL | None:
     return libc
 
 
-def tune(arena_max: int | None) -> dict[str, int]:
-    """Cap glibc's arenas at `arena_max` (None: leave them); call before the worker threads
-    start. Returns what was applied."""
+def tune(arena_max: int) -> dict[str, int]:
+    """Cap glibc's arenas at `arena_max` (0: leave them); call before the worker threads start.
+    Returns what was applied."""
     libc = _glibc()
-    if libc is None or arena_max is None or libc.mallopt(M_ARENA_MAX, arena_max) != 1:
+    if libc is None or not arena_max or libc.mallopt(M_ARENA_MAX, arena_max) != 1:
         return {}
     return {"arena_max": arena_max}
 

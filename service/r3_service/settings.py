@@ -256,9 +256,9 @@ class Settings(BaseSettings):
                                 "body is a 413, by Content-Length or while it streams, before parsing.")
 
     # Memory over a long run (docs/operations/memory.md)
-    malloc_arena_max: int | None = Field(2, gt=0, description="glibc malloc arenas (default 8 per core): "
-                                         "fewer arenas hold a long run's RSS flat; None leaves glibc's "
-                                         "default (or MALLOC_ARENA_MAX).")
+    malloc_arena_max: int = Field(2, ge=0, description="glibc malloc arenas (glibc's default: 8 per core): "
+                                  "fewer arenas hold a long run's RSS flat; 0 leaves glibc's default (or "
+                                  "MALLOC_ARENA_MAX).")
     malloc_trim_s: float = Field(30.0, ge=0, description="Every this many seconds, give the C heap's "
                                  "free pages back to the system (malloc_trim); 0 never.")
     tracemalloc: bool = Field(False, description="Trace CPython's allocations (`r3_python_traced_bytes`); "
