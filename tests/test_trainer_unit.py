@@ -292,12 +292,14 @@ import importlib, json, sys
 for name in sys.argv[1:]:
     importlib.import_module(name)
 print(json.dumps(sorted(n for n in sys.modules if n.startswith("r3_service.")
-                        and n != "r3_service.rule" and not n.startswith("r3_service.rule."))))
+                        and n not in ("r3_service.rule", "r3_service.caches")
+                        and not n.startswith("r3_service.rule."))))
 """
 
 
 def service_modules_imported_by(*modules: str) -> list[str]:
-    """The r3_service modules outside r3_service.rule that importing `modules` loads (fresh process)."""
+    """The r3_service modules outside r3_service.rule (and the standard-library-only caches the rule
+    memoizes with) that importing `modules` loads (fresh process)."""
     done = subprocess.run([sys.executable, "-c", IMPORT_CHECK, *modules], capture_output=True, text=True,
                           timeout=240, check=True)
     return json.loads(done.stdout.strip().splitlines()[-1])
